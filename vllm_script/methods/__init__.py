@@ -1,0 +1,1 @@
+"""Pruning methods: selection only (which tokens to keep), no vLLM imports."""

@@ -1,0 +1,45 @@
+"""What every pruning method returns, and how a selection is applied."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class Selection:
+    """The outcome of one method on a batch of B images of N tokens each.
+
+    keep:        LongTensor [B, K_keep], indices into the N tokens, ascending (original
+                 spatial order).
+    kept_values: [B, K_keep, D] or None. Replacement rows for the kept tokens (e.g.
+                 PruMerge+ merges neighbours into them); None means "gather as is".
+    extra:       [B, M, D] or None. Tokens made by the method (e.g. TRIM's aggregate of
+                 the unselected tokens), appended after the kept ones.
+    info:        per-method diagnostics, e.g. {"iqr_count": LongTensor [B]}.
+
+    K_keep + M is the budget K that `vllm_script.config.kept_count` promised.
+    """
+
+    keep: torch.Tensor
+    kept_values: torch.Tensor | None = None
+    extra: torch.Tensor | None = None
+    info: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def num_tokens(self) -> int:
+        extra = 0 if self.extra is None else self.extra.shape[1]
+        return self.keep.shape[1] + extra
+
+
+def apply_selection(tokens: torch.Tensor, selection: Selection) -> torch.Tensor:
+    """[B, N, D] -> [B, K, D]: kept rows in original order, then the extra tokens."""
+    if selection.kept_values is not None:
+        kept = selection.kept_values.to(tokens.dtype)
+    else:
+        index = selection.keep.unsqueeze(-1).expand(-1, -1, tokens.shape[-1])
+        kept = tokens.gather(1, index)
+    if selection.extra is None:
+        return kept
+    return torch.cat([kept, selection.extra.to(tokens.dtype)], dim=1)

@@ -1,0 +1,34 @@
+"""QCSP: query-conditioned semantic pruning by a conditional DPP (Script's second step)."""
+
+from __future__ import annotations
+
+import torch
+
+from vllm_script import ops
+from vllm_script.methods.base import Selection
+
+
+def dpp_quality(relevance: torch.Tensor | None, theta: float) -> torch.Tensor | None:
+    """[B, N] relevance in [0, 1] -> [B, N] quality `q_i = exp(alpha r_i)`.
+
+    `alpha = theta / (2 (1 - theta))` (CDPruner's paper form): `log det L_Y` then equals
+    `theta / (1 - theta) * sum_Y r_i + log det S_Y`, an explicit relevance/diversity
+    trade-off; theta = 0 is pure diversity. (The authors' code uses `q_i = r_i`.)
+    """
+    if relevance is None:
+        return None
+    alpha = theta / (2.0 * (1.0 - theta))
+    return torch.exp(alpha * relevance.float())
+
+
+def qcsp_select(
+    features: torch.Tensor,
+    relevance: torch.Tensor | None,
+    k: int,
+    *,
+    theta: float = 0.5,
+    candidates: torch.Tensor | None = None,
+) -> Selection:
+    """[B, N, D], [B, N] | None, k -> Selection of the k tokens the greedy DPP MAP picks."""
+    picks = ops.dpp_greedy_map(features, dpp_quality(relevance, theta), k, candidates=candidates)
+    return Selection(keep=picks.sort(dim=1).values, info={"order": picks})

@@ -1,0 +1,1 @@
+"""vLLM model and processor subclasses, one file per architecture."""

