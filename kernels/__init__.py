@@ -1,1 +1,5 @@
-"""Triton kernels (installed as vllm_script.kernels); PyTorch twins live in vllm_script.reference."""
+"""Triton kernels (installed as `vllm_script.kernels`).
+
+Their pure-PyTorch twins (the CPU path and the oracles) live in `vllm_script.reference`.
+Importing a submodule needs `triton`; `vllm_script.ops` loads them lazily.
+"""

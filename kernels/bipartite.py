@@ -1,0 +1,149 @@
+"""Triton kernel: bipartite similarity statistics for GSP, tile by tile.
+
+Twin (oracle and CPU path): `vllm_script.reference.bipartite.bipartite_stats`, same
+signature and arithmetic: `S_ij = ((f_i . f_j) * r_i) * r_j`, fp32 dots (IEEE fp32 for
+fp32 inputs, bf16/fp16 products accumulated in fp32), `r = 1 / max(||f||, 1e-12)`.
+
+One program per (tile of BLOCK_M src tokens, image) walks all dst tokens in tiles of
+BLOCK_N, keeping per src row the degree (#S >= tau), the sum over those edges, the sum
+over all dst, and the running max with its first argmax (strict `>` across tiles keeps
+ties on the lowest dst index). No similarity matrix is ever written: memory is
+O(B * N) besides the features, traffic N*D per src tile.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from vllm_script.reference.bipartite import BipartiteStats
+
+
+@triton.jit
+def _inv_norm_kernel(f_ptr, inv_ptr, T, D, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    i_t = tl.program_id(0)
+    o_n = i_t * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_n = o_n < T
+    b_sq = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        o_d = d0 + tl.arange(0, BLOCK_D)
+        p_f = f_ptr + o_n[:, None].to(tl.int64) * D + o_d[None, :]
+        b_f = tl.load(p_f, mask=m_n[:, None] & (o_d < D)[None, :], other=0.0).to(tl.float32)
+        b_sq += tl.sum(b_f * b_f, axis=1)
+    b_inv = tl.div_rn(tl.full([BLOCK_N], 1.0, tl.float32), tl.maximum(tl.sqrt_rn(b_sq), 1e-12))
+    tl.store(inv_ptr + o_n, b_inv, mask=m_n)
+
+
+@triton.jit
+def _bipartite_kernel(
+    f_ptr,
+    inv_ptr,
+    deg_ptr,
+    esum_ptr,
+    tsum_ptr,
+    bsim_ptr,
+    bdst_ptr,
+    tau,
+    N,
+    D,
+    N_SRC,
+    N_DST,
+    IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    i_m, i_b = tl.program_id(0), tl.program_id(1)
+    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_m = o_m < N_SRC
+    tok_m = i_b.to(tl.int64) * N + 2 * o_m  # src = even tokens
+    b_inv_m = tl.load(inv_ptr + tok_m, mask=m_m, other=0.0)
+    b_deg = tl.zeros([BLOCK_M], dtype=tl.int32)
+    b_esum = tl.zeros([BLOCK_M], dtype=tl.float32)
+    b_tsum = tl.zeros([BLOCK_M], dtype=tl.float32)
+    b_best = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    b_arg = tl.zeros([BLOCK_M], dtype=tl.int32)
+    for n0 in range(0, N_DST, BLOCK_N):
+        o_n = n0 + tl.arange(0, BLOCK_N)
+        m_n = o_n < N_DST
+        tok_n = i_b.to(tl.int64) * N + 2 * o_n + 1  # dst = odd tokens
+        b_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            o_d = d0 + tl.arange(0, BLOCK_D)
+            m_d = o_d < D
+            b_a = tl.load(
+                f_ptr + tok_m[:, None] * D + o_d[None, :],
+                mask=m_m[:, None] & m_d[None, :],
+                other=0.0,
+            )
+            b_bt = tl.load(
+                f_ptr + tok_n[None, :] * D + o_d[:, None],
+                mask=m_d[:, None] & m_n[None, :],
+                other=0.0,
+            )
+            if IEEE:
+                b_acc = tl.dot(b_a, b_bt, b_acc, input_precision="ieee")
+            else:
+                b_acc = tl.dot(b_a, b_bt, b_acc)
+        b_inv_n = tl.load(inv_ptr + tok_n, mask=m_n, other=0.0)
+        b_sim = (b_acc * b_inv_m[:, None]) * b_inv_n[None, :]
+        m_edge = (b_sim >= tau) & m_n[None, :]
+        b_deg += tl.sum(m_edge.to(tl.int32), axis=1)
+        b_esum += tl.sum(tl.where(m_edge, b_sim, 0.0), axis=1)
+        b_tsum += tl.sum(tl.where(m_n[None, :], b_sim, 0.0), axis=1)
+        b_tmax, b_targ = tl.max(
+            tl.where(m_n[None, :], b_sim, float("-inf")),
+            axis=1,
+            return_indices=True,
+            return_indices_tie_break_left=True,
+        )
+        m_better = b_tmax > b_best
+        b_best = tl.where(m_better, b_tmax, b_best)
+        b_arg = tl.where(m_better, b_targ + n0, b_arg)
+    o_out = i_b.to(tl.int64) * N_SRC + o_m
+    tl.store(deg_ptr + o_out, b_deg.to(tl.int64), mask=m_m)
+    tl.store(esum_ptr + o_out, b_esum, mask=m_m)
+    tl.store(tsum_ptr + o_out, b_tsum, mask=m_m)
+    tl.store(bsim_ptr + o_out, b_best, mask=m_m)
+    tl.store(bdst_ptr + o_out, b_arg.to(tl.int64), mask=m_m)
+
+
+def bipartite_stats(features: torch.Tensor, tau: float) -> BipartiteStats:
+    """Triton twin of `vllm_script.reference.bipartite.bipartite_stats` ([B, N, D], tau).
+
+    Inputs assumed validated (see `vllm_script.ops.bipartite_stats`).
+    """
+    bsz, n, d = features.shape
+    device = features.device
+    n_src, n_dst = (n + 1) // 2, n // 2
+    features = features.contiguous()
+    if features.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        features = features.float()
+    degree = torch.zeros(bsz, n_src, dtype=torch.long, device=device)
+    edge_sum = torch.zeros(bsz, n_src, dtype=torch.float32, device=device)
+    total_sum = torch.zeros(bsz, n_src, dtype=torch.float32, device=device)
+    best_sim = torch.full((bsz, n_src), float("-inf"), dtype=torch.float32, device=device)
+    best_dst = torch.zeros(bsz, n_src, dtype=torch.long, device=device)
+    if bsz * n_src == 0:
+        return BipartiteStats(degree, edge_sum, total_sum, best_sim, best_dst)
+    interp = os.environ.get("TRITON_INTERPRET", "0") == "1" or device.type != "cuda"
+    inv = torch.empty(bsz * n, dtype=torch.float32, device=device)
+    block_d = min(256 if interp else 64, triton.next_power_of_2(max(d, 16)))
+    _inv_norm_kernel[(triton.cdiv(bsz * n, 128),)](
+        features, inv, bsz * n, d, BLOCK_N=128, BLOCK_D=block_d
+    )
+    if interp:
+        block_m = min(512, triton.next_power_of_2(max(n_src, 16)))
+        block_n = min(512, triton.next_power_of_2(max(n_dst, 16)))
+    else:
+        block_m, block_n, block_d = 64, 64, 32
+    _bipartite_kernel[(triton.cdiv(n_src, block_m), bsz)](
+        features, inv, degree, edge_sum, total_sum, best_sim, best_dst,
+        float(tau), n, d, n_src, n_dst,
+        IEEE=features.dtype == torch.float32, BLOCK_M=block_m, BLOCK_N=block_n,
+        BLOCK_D=block_d,
+    )  # fmt: skip
+    return BipartiteStats(degree, edge_sum, total_sum, best_sim, best_dst)

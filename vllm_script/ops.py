@@ -1,0 +1,208 @@
+"""Public selection primitives. Validate inputs, then dispatch to a backend.
+
+`backend="torch"` runs the pure-PyTorch twins in `vllm_script.reference` (any device);
+`backend="triton"` runs the kernels in `vllm_script.kernels` (CUDA tensors, or CPU under
+`TRITON_INTERPRET=1`); `backend="auto"` picks Triton for CUDA tensors, else torch.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from vllm_script.reference import BipartiteStats
+from vllm_script.reference import bipartite as _ref_bipartite
+from vllm_script.reference import dpp as _ref_dpp
+
+Backend = Literal["auto", "torch", "triton"]
+BACKENDS = ("auto", "torch", "triton")
+
+
+def _resolve_backend(backend: str, tensor: torch.Tensor) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is not one of {BACKENDS}")
+    if backend == "auto":
+        return "triton" if tensor.is_cuda else "torch"
+    return backend
+
+
+def _load_kernel(module: str, name: str):
+    import importlib
+
+    try:
+        mod = importlib.import_module(f"vllm_script.kernels.{module}")
+    except ImportError as exc:
+        raise RuntimeError(
+            f"backend='triton' needs the Triton kernel vllm_script.kernels.{module} "
+            f"and the `triton` package ({exc}); use backend='torch' instead"
+        ) from exc
+    return getattr(mod, name)
+
+
+def _check_features(features: torch.Tensor) -> tuple[int, int, int]:
+    if not isinstance(features, torch.Tensor):
+        raise TypeError(f"features must be a torch.Tensor, got {type(features).__name__}")
+    if features.dim() != 3:
+        raise ValueError(f"features must have shape [B, N, D], got {tuple(features.shape)}")
+    if not features.is_floating_point():
+        raise ValueError(f"features must be a float tensor, got dtype {features.dtype}")
+    return tuple(features.shape)  # type: ignore[return-value]
+
+
+def _check_per_token(
+    name: str, value: torch.Tensor | None, shape: tuple[int, int], device: torch.device
+) -> None:
+    if value is None:
+        return
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(value).__name__}")
+    if tuple(value.shape) != shape:
+        raise ValueError(f"{name} must have shape [B, N] = {list(shape)}, got {list(value.shape)}")
+    if value.device != device:
+        raise ValueError(f"{name} is on {value.device}, features on {device}")
+
+
+def dpp_greedy_map(
+    features: torch.Tensor,
+    relevance: torch.Tensor | None,
+    k: int,
+    *,
+    candidates: torch.Tensor | None = None,
+    backend: Backend = "auto",
+) -> torch.Tensor:
+    """[B, N, D], [B, N] | None, k -> LongTensor [B, k]: exact fast greedy DPP MAP.
+
+    `features`: any float dtype; similarity is the cosine of rows, computed in fp32.
+    `relevance`: non-negative quality per token (None: all ones); kernel
+    `L = diag(relevance) S diag(relevance)`. `candidates`: bool mask of eligible tokens
+    (None: all). Returns indices in greedy selection order; ties go to the lowest index.
+    When no eligible token has a positive gain left (duplicates, rank deficiency,
+    D < k), the remaining picks are the eligible unselected tokens by descending
+    relevance, ties to the lowest index: always k distinct eligible indices, never NaN.
+    Raises ValueError if k exceeds the eligible count of any image.
+    """
+    bsz, n, _ = _check_features(features)
+    _check_per_token("relevance", relevance, (bsz, n), features.device)
+    _check_per_token("candidates", candidates, (bsz, n), features.device)
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise TypeError(f"k must be an int, got {type(k).__name__}")
+    if relevance is not None:
+        if not relevance.is_floating_point():
+            raise ValueError(f"relevance must be a float tensor, got dtype {relevance.dtype}")
+        if not torch.isfinite(relevance).all() or (relevance < 0).any():
+            raise ValueError("relevance must be finite and non-negative")
+    if candidates is not None and candidates.dtype != torch.bool:
+        raise ValueError(f"candidates must be a bool tensor, got dtype {candidates.dtype}")
+    eligible = n if candidates is None else int(candidates.sum(dim=1).min()) if bsz else n
+    if k < 1 or k > eligible:
+        raise ValueError(
+            f"k={k} must be in [1, {eligible}] (the smallest eligible-token count over the batch)"
+        )
+    if bsz == 0:
+        return torch.empty(0, k, dtype=torch.long, device=features.device)
+    if _resolve_backend(backend, features) == "triton":
+        kernel = _load_kernel("dpp", "dpp_greedy_map")
+        return kernel(features, relevance, k, candidates=candidates)
+    return _ref_dpp.dpp_greedy_map(features, relevance, k, candidates=candidates)
+
+
+def dpp_greedy_map_varlen(
+    features: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    relevance: torch.Tensor | None,
+    k: torch.Tensor | list[int] | tuple[int, ...],
+    *,
+    candidates: torch.Tensor | None = None,
+    backend: Backend = "auto",
+) -> list[torch.Tensor]:
+    """Varlen `dpp_greedy_map`: images of different token counts packed along dim 0.
+
+    `features` [T, D] (any float dtype); `cu_seqlens` int LongTensor [B+1], non-decreasing,
+    `cu_seqlens[0] == 0`, `cu_seqlens[-1] == T` (image b owns rows
+    `cu_seqlens[b]:cu_seqlens[b+1]`, as vLLM packs a batch's images); `relevance` [T] | None;
+    `k` one budget per image (list or LongTensor [B]); `candidates` bool [T] | None.
+    Returns a list of B LongTensors, the b-th of shape [k_b]: *local* indices
+    (0 <= i < N_b) in greedy selection order, with exactly the rule of `dpp_greedy_map`
+    applied to each image on its own (ties to the lowest index, the same fill rule).
+    Raises ValueError if some k_b is < 1 or exceeds image b's eligible count (k_b = 0 is
+    allowed for an empty image only).
+    """
+    if not isinstance(features, torch.Tensor):
+        raise TypeError(f"features must be a torch.Tensor, got {type(features).__name__}")
+    if features.dim() != 2 or not features.is_floating_point():
+        raise ValueError(
+            f"features must be a float tensor [T, D], got {features.dtype} {tuple(features.shape)}"
+        )
+    total = features.shape[0]
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1:
+        raise ValueError("cu_seqlens must be a 1-D integer tensor [B+1]")
+    if cu_seqlens.dtype not in (torch.int32, torch.int64) or cu_seqlens.numel() < 1:
+        raise ValueError(f"cu_seqlens must be int32/int64 [B+1], got {cu_seqlens.dtype}")
+    bounds = cu_seqlens.tolist()
+    if (
+        bounds[0] != 0
+        or bounds[-1] != total
+        or any(a > b for a, b in zip(bounds[:-1], bounds[1:], strict=True))
+    ):
+        raise ValueError(
+            f"cu_seqlens must start at 0, end at T={total} and be non-decreasing, got {bounds}"
+        )
+    bsz = len(bounds) - 1
+    if isinstance(k, torch.Tensor):
+        if k.dtype.is_floating_point or k.dim() != 1:
+            raise ValueError("k must be a 1-D integer tensor [B] or a list of ints")
+        k = k.tolist()
+    k = list(k)
+    if any(isinstance(x, bool) or not isinstance(x, int) for x in k):
+        raise TypeError("k must hold ints")
+    if len(k) != bsz:
+        raise ValueError(f"k has {len(k)} budgets for {bsz} images")
+    for name, value in (("relevance", relevance), ("candidates", candidates)):
+        if value is None:
+            continue
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor or None, got {type(value).__name__}")
+        if tuple(value.shape) != (total,):
+            raise ValueError(f"{name} must have shape [T] = [{total}], got {list(value.shape)}")
+        if value.device != features.device:
+            raise ValueError(f"{name} is on {value.device}, features on {features.device}")
+    if relevance is not None:
+        if not relevance.is_floating_point():
+            raise ValueError(f"relevance must be a float tensor, got dtype {relevance.dtype}")
+        if not torch.isfinite(relevance).all() or (relevance < 0).any():
+            raise ValueError("relevance must be finite and non-negative")
+    if candidates is not None:
+        if candidates.dtype != torch.bool:
+            raise ValueError(f"candidates must be a bool tensor, got dtype {candidates.dtype}")
+        csum = [0, *candidates.long().cumsum(0).tolist()]
+        counts = [csum[bounds[b + 1]] - csum[bounds[b]] for b in range(bsz)]
+    else:
+        counts = [bounds[b + 1] - bounds[b] for b in range(bsz)]
+    for b, (k_b, eligible) in enumerate(zip(k, counts, strict=True)):
+        if not (1 <= k_b <= eligible or k_b == 0 == bounds[b + 1] - bounds[b]):
+            raise ValueError(
+                f"k[{b}]={k_b} must be in [1, {eligible}] (image {b}'s eligible count)"
+            )
+    if _resolve_backend(backend, features) == "triton":
+        kernel = _load_kernel("dpp", "dpp_greedy_map_varlen")
+        return kernel(features, cu_seqlens, relevance, k, candidates=candidates)
+    return _ref_dpp.dpp_greedy_map_varlen(features, cu_seqlens, relevance, k, candidates=candidates)
+
+
+def bipartite_stats(
+    features: torch.Tensor, tau: float, *, backend: Backend = "auto"
+) -> BipartiteStats:
+    """[B, N, D], tau -> BipartiteStats, each field [B, ceil(N/2)].
+
+    src = even tokens, dst = odd tokens; per src token: degree (#dst with cosine >= tau),
+    the sum of those edges, the sum over all dst, the best cosine and its dst index
+    (dst-local, ties to the lowest). No similarity matrix is materialised.
+    """
+    _check_features(features)
+    if isinstance(tau, bool) or not isinstance(tau, (int, float)):
+        raise TypeError(f"tau must be a float, got {type(tau).__name__}")
+    if _resolve_backend(backend, features) == "triton":
+        kernel = _load_kernel("bipartite", "bipartite_stats")
+        return kernel(features, float(tau))
+    return _ref_bipartite.bipartite_stats(features, float(tau))

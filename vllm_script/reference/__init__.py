@@ -1,0 +1,6 @@
+"""Pure-PyTorch twins of the Triton kernels: the CPU path and the kernels' oracles."""
+
+from vllm_script.reference.bipartite import BipartiteStats, bipartite_stats
+from vllm_script.reference.dpp import dpp_greedy_map
+
+__all__ = ["BipartiteStats", "bipartite_stats", "dpp_greedy_map"]

@@ -1,0 +1,61 @@
+"""Bipartite similarity statistics for GSP, in pure PyTorch, tile by tile.
+
+CPU path and oracle of the Triton kernel (`vllm_script.kernels.bipartite`).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+# dst columns per tile: bounds the live similarity block to B * N/2 * TILE floats.
+DST_TILE = 1024
+
+
+class BipartiteStats(NamedTuple):
+    """Per src token (even index), against all dst tokens (odd index); each [B, N_src]."""
+
+    degree: torch.Tensor  # int64: #{j : S_ij >= tau}
+    edge_sum: torch.Tensor  # fp32: sum of S_ij over those edges
+    total_sum: torch.Tensor  # fp32: sum of S_ij over all dst
+    best_sim: torch.Tensor  # fp32: max_j S_ij (-inf when there is no dst)
+    best_dst: torch.Tensor  # int64: argmax_j S_ij, a dst-local index, ties to lowest
+
+
+def bipartite_stats(features: torch.Tensor, tau: float) -> BipartiteStats:
+    """[B, N, D], tau -> BipartiteStats with fields [B, ceil(N/2)].
+
+    src = tokens 0, 2, 4, ...; dst = tokens 1, 3, 5, ...; `S` is the cosine similarity,
+    computed as the kernel does: `S_ij = ((f_i . f_j) * r_i) * r_j` with fp32 dots and
+    `r = 1 / max(||f||, 1e-12)`. No [N/2, N/2] matrix is materialised: dst is
+    processed in tiles of `DST_TILE` columns.
+    """
+    feats = features.float()
+    inv = 1.0 / feats.square().sum(-1).sqrt().clamp_min(1e-12)
+    src, dst = feats[:, 0::2], feats[:, 1::2]
+    inv_src, inv_dst = inv[:, 0::2], inv[:, 1::2]
+    bsz, n_src, _ = src.shape
+    n_dst = dst.shape[1]
+    device = features.device
+    degree = torch.zeros(bsz, n_src, dtype=torch.long, device=device)
+    edge_sum = torch.zeros(bsz, n_src, device=device)
+    total_sum = torch.zeros(bsz, n_src, device=device)
+    best_sim = torch.full((bsz, n_src), float("-inf"), device=device)
+    best_dst = torch.zeros(bsz, n_src, dtype=torch.long, device=device)
+
+    for start in range(0, n_dst, DST_TILE):
+        b_sim = torch.bmm(src, dst[:, start : start + DST_TILE].transpose(1, 2))
+        b_sim = (b_sim * inv_src.unsqueeze(-1)) * inv_dst[:, None, start : start + DST_TILE]
+        m_edge = b_sim >= tau
+        degree += m_edge.sum(-1)
+        edge_sum += torch.where(m_edge, b_sim, 0.0).sum(-1)
+        total_sum += b_sim.sum(-1)
+        tile_arg = b_sim.argmax(dim=-1)  # documented: first maximum
+        tile_max = b_sim.gather(-1, tile_arg.unsqueeze(-1)).squeeze(-1)
+        # strict '>' keeps the earlier tile on ties: argmax ties go to the lowest index
+        better = tile_max > best_sim
+        best_sim = torch.where(better, tile_max, best_sim)
+        best_dst = torch.where(better, tile_arg + start, best_dst)
+
+    return BipartiteStats(degree, edge_sum, total_sum, best_sim, best_dst)

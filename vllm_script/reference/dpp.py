@@ -1,0 +1,229 @@
+"""Exact fast greedy MAP inference for a conditional DPP, in pure PyTorch.
+
+This is the CPU path and the oracle of the Triton kernel (`vllm_script.kernels.dpp`).
+Algorithm: Chen, Zhang & Zhou, "Fast Greedy MAP Inference for Determinantal Point
+Process", NeurIPS 2018 (incremental Cholesky; each step is the exact greedy log-det step),
+run lazily and blocked so that no N x N matrix is formed and the kernel rows are computed
+by GEMMs instead of one memory-bound matrix-vector product per step.
+
+Arithmetic shared with the kernel (so both pick the same indices on the same inputs):
+    w_i   = q_i / max(||f_i||, 1e-12)                       (fp32)
+    L_ij  = ((f_i . f_j) * w_i) * w_j                        (dot in fp32)
+    L_ii  = ((f_i . f_i) * w_i) * w_i                        (initial gain)
+    e_i   = (L_ji - sum_s C[s, j] C[s, i]) / sqrt(gain_j)    (new Cholesky row)
+    gain_i <- gain_i - e_i^2                                  (monotone non-increasing)
+A gain at or below `GAIN_EPS * max_i L_ii` counts as zero (the fill rule takes over).
+"""
+
+from __future__ import annotations
+
+import torch
+
+# A gain d_i^2 at or below GAIN_EPS * max_i L_ii is treated as zero: fp32 Cholesky
+# updates leave ~1e-7 noise where the true gain is 0 (duplicates, rank deficiency).
+GAIN_EPS = 1e-5
+
+# Picks kept pending before their Cholesky rows are applied to every live token at once
+# (one [N, D] x [D, BLOCK] GEMM); between two commits only the few tokens that reach the
+# top of the lazy queue are brought up to date.
+COMMIT_BLOCK = 32
+# Stale tokens refreshed together when the top of the queue is stale.
+REFRESH = 16
+# Rows of `features` converted to fp32 at a time (bounds the extra memory for bf16/fp16).
+ROW_CHUNK = 4096
+
+
+def fill_score(quality: torch.Tensor) -> torch.Tensor:
+    """[..., N] -> [..., N] in [-1, 0): the order of the fill once no gain is left.
+
+    Increasing in quality, so the fill takes the most relevant remaining tokens first
+    (ties to the lowest index, as `argmax` returns the first maximum).
+    """
+    return -1.0 / (1.0 + quality)
+
+
+def sumsq(features: torch.Tensor) -> torch.Tensor:
+    """[N, D] -> [N] fp32: f_i . f_i, in row chunks (no full fp32 copy of bf16/fp16)."""
+    return (
+        torch.cat(
+            [
+                features[s : s + ROW_CHUNK].float().square().sum(-1)
+                for s in range(0, features.shape[0], ROW_CHUNK)
+            ]
+        )
+        if features.shape[0]
+        else features.new_zeros(0, dtype=torch.float32)
+    )
+
+
+def token_scale(sq: torch.Tensor, quality: torch.Tensor) -> torch.Tensor:
+    """[N] f.f, [N] q -> [N] fp32: w_i = q_i / max(||f_i||, 1e-12); L_ij = (f_i.f_j) w_i w_j."""
+    return quality.float() / sq.sqrt().clamp_min(1e-12)
+
+
+def _dots(features: torch.Tensor, rows: torch.Tensor | None, cols: torch.Tensor) -> torch.Tensor:
+    """features[rows] @ features[cols].T in fp32 without a full fp32 copy of `features`.
+
+    `rows=None` means all rows, processed in contiguous chunks of `ROW_CHUNK`.
+    """
+    f_cols = features[cols].float()
+    if rows is not None:
+        return features[rows].float() @ f_cols.T
+    n = features.shape[0]
+    out = torch.empty(n, f_cols.shape[0], dtype=torch.float32, device=features.device)
+    for start in range(0, n, ROW_CHUNK):
+        torch.mm(
+            features[start : start + ROW_CHUNK].float(),
+            f_cols.T,
+            out=out[start : start + ROW_CHUNK],
+        )
+    return out
+
+
+def _greedy_one(
+    features: torch.Tensor, quality: torch.Tensor, eligible: torch.Tensor, k: int
+) -> torch.Tensor:
+    """One image: [N, D], [N] fp32 >= 0, [N] bool, k -> LongTensor [k] (greedy order).
+
+    Lazy greedy (log det is submodular: gains only shrink, so stale gains are upper
+    bounds). Picks `t0..t-1` are pending: only tokens that reach the top of the queue
+    get their rows for them (one small GEMM + triangular solve); every `COMMIT_BLOCK`
+    picks the pending rows are applied to all live tokens with one GEMM. A token is
+    picked when it is at the top of the queue (largest score, ties to the lowest index)
+    *and* up to date, which is exactly the full greedy's choice. Memory O(N * (k + D)).
+    """
+    n = features.shape[0]
+    device = features.device
+    sq = sumsq(features)
+    w = token_scale(sq, quality)
+    diag = (sq * w) * w  # L_ii
+    eps = GAIN_EPS * float(diag.max().clamp_min(1e-30)) if n else 0.0
+    fill = fill_score(quality.float())
+
+    gains = diag.clone()  # exact for up-to-date tokens, an upper bound for stale ones
+    base = diag.clone()  # gains after the committed rows [0, t0)
+    avail = eligible.clone()
+    chol = torch.zeros(k, n, device=device)  # committed Cholesky rows (live tokens only)
+    pend = torch.zeros(COMMIT_BLOCK, n, device=device)  # pending rows [t0, t), fresh tokens
+    tri = torch.eye(COMMIT_BLOCK, device=device)  # pending picks' factor (lower triangle)
+    fresh = torch.zeros(n, dtype=torch.bool, device=device)
+    picks = torch.empty(k, dtype=torch.long, device=device)
+    t0 = 0
+
+    def rows_for(cols: torch.Tensor | None, t: int) -> torch.Tensor:
+        """Pending Cholesky rows [t0, t) for tokens `cols` (None: all) -> [t - t0, |cols|]."""
+        p_idx = picks[t0:t]
+        p = t - t0
+        if cols is None:
+            g = _dots(features, None, p_idx).T  # [p, N]
+            w_c, c_cols = w, chol[:t0]
+        else:
+            g = _dots(features, p_idx, cols)  # [p, m]
+            w_c, c_cols = w[cols], chol[:t0, cols]
+        g = (g * w_c) * w[p_idx].unsqueeze(1)
+        if t0 > 0:
+            g = g - chol[:t0, p_idx].T @ c_cols
+        return torch.linalg.solve_triangular(tri[:p, :p], g, upper=False)
+
+    for t in range(k):
+        p = t - t0
+        while True:
+            score = torch.where(gains > eps, gains, fill).masked_fill_(~avail, float("-inf"))
+            j = int(score.argmax())
+            if p == 0 or bool(fresh[j]) or float(gains[j]) <= eps:
+                break
+            top = torch.topk(score, min(REFRESH, n)).indices
+            top = top[(~fresh[top]) & (gains[top] > eps) & avail[top]]
+            x = rows_for(top, t)
+            pend[:p, top] = x
+            gains[top] = base[top] - x.square().sum(0)
+            fresh[top] = True
+
+        gain_j = float(gains[j])
+        if gain_j <= eps:
+            # No eligible token has a gain left, and gains never grow: fill the rest by
+            # descending relevance, ties to the lowest index.
+            order = torch.sort(score, descending=True, stable=True).indices
+            picks[t:] = order[: k - t]
+            break
+        picks[t] = j
+        avail[j] = False
+        tri[p, :p] = pend[:p, j]
+        tri[p, p] = gain_j**0.5
+        fresh.zero_()
+        if p + 1 == COMMIT_BLOCK and t + 1 < k:
+            live = avail & (gains > eps)
+            x = rows_for(None, t + 1)
+            chol[t0 : t + 1] = torch.where(live, x, 0.0)
+            gains = torch.where(live, base - x.square().sum(0), gains)
+            base = gains.clone()
+            tri = torch.eye(COMMIT_BLOCK, device=device)
+            t0 = t + 1
+    return picks
+
+
+def dpp_greedy_map(
+    features: torch.Tensor,
+    relevance: torch.Tensor | None,
+    k: int,
+    *,
+    candidates: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """[B, N, D], [B, N] | None, k -> LongTensor [B, k] in greedy selection order.
+
+    Kernel `L = diag(q) S diag(q)` with `S` the cosine similarity of the rows of
+    `features` (fp32 accumulation) and `q = relevance` (all ones if None). Each step
+    picks the eligible, unselected token with the largest gain `d_i^2 =
+    det(L_{Y+i}) / det(L_Y)`, ties to the lowest index. Fill rule: once no eligible token
+    has a gain above `GAIN_EPS * max L_ii` (duplicates, rank deficiency, D < k), the
+    remaining picks are the eligible unselected tokens by descending relevance, ties to
+    the lowest index; no NaN can appear.
+
+    Inputs are assumed validated (see `vllm_script.ops.dpp_greedy_map`).
+    """
+    bsz, n, _ = features.shape
+    out = torch.empty(bsz, k, dtype=torch.long, device=features.device)
+    for b in range(bsz):
+        quality = (
+            torch.ones(n, device=features.device)
+            if relevance is None
+            else relevance[b].float().clamp_min(0)
+        )
+        eligible = (
+            torch.ones(n, dtype=torch.bool, device=features.device)
+            if candidates is None
+            else candidates[b]
+        )
+        out[b] = _greedy_one(features[b], quality, eligible, k)
+    return out
+
+
+def dpp_greedy_map_varlen(
+    features: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    relevance: torch.Tensor | None,
+    k: list[int],
+    *,
+    candidates: torch.Tensor | None = None,
+) -> list[torch.Tensor]:
+    """[T, D], LongTensor [B+1], [T] | None, k per image -> list of LongTensor [k_b].
+
+    Image b owns rows `cu_seqlens[b]:cu_seqlens[b+1]`; its picks are local indices in
+    greedy order, with the same rule as `dpp_greedy_map`. Inputs assumed validated.
+    """
+    bounds = cu_seqlens.tolist()
+    out = []
+    for b, k_b in enumerate(k):
+        lo, hi = bounds[b], bounds[b + 1]
+        quality = (
+            torch.ones(hi - lo, device=features.device)
+            if relevance is None
+            else relevance[lo:hi].float().clamp_min(0)
+        )
+        eligible = (
+            torch.ones(hi - lo, dtype=torch.bool, device=features.device)
+            if candidates is None
+            else candidates[lo:hi]
+        )
+        out.append(_greedy_one(features[lo:hi], quality, eligible, k_b))
+    return out
