@@ -7,6 +7,8 @@ a token count and settings, selects per group in one batched call, and gathers.
 from __future__ import annotations
 
 import logging
+import os
+from collections import deque
 from collections.abc import Callable, Sequence
 
 import torch
@@ -19,6 +21,16 @@ from vllm_script.methods.script import script_select
 from vllm_script.relevance import llm_relevance
 
 logger = logging.getLogger("vllm_script")
+
+# Debugging / tests / visualisation: with VLLM_SCRIPT_RECORD_SELECTIONS=1 each worker
+# keeps the last selections it made (method, N, K, kept indices, question ids).
+RECORD_ENV = "VLLM_SCRIPT_RECORD_SELECTIONS"
+_recent: deque[dict] = deque(maxlen=256)
+
+
+def recent_selections(_worker: object = None) -> list[dict]:
+    """The selections this process recorded (oldest first); usable as a collective_rpc."""
+    return list(_recent)
 
 
 def select_tokens(
@@ -75,5 +87,16 @@ def prune_items(
             raise RuntimeError(f"{cfg.method} returned {pruned.shape[1]} tokens, promised {k}")
         for row, i in enumerate(idxs):
             out[i] = pruned[row]
+        if os.environ.get(RECORD_ENV) == "1":
+            for row, i in enumerate(idxs):
+                _recent.append(
+                    {
+                        "method": cfg.method,
+                        "num_tokens": n,
+                        "kept": k,
+                        "keep": selection.keep[row].tolist(),
+                        "query": queries[i].tolist() if queries[i] is not None else [],
+                    }
+                )
         logger.debug("pruned %d item(s) %d -> %d tokens with %s", len(idxs), n, k, cfg.method)
     return out

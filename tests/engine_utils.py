@@ -1,0 +1,83 @@
+"""Shared by the end-to-end tests: one request format, one way to run it.
+
+A request is a dict: {"question": str, "images": [seed, ...], "mm_processor_kwargs":
+{...} (optional), "max_tokens": int (optional)}. A result is {"prompt_len": int,
+"tokens": [int, ...], "cached": prefix-cache hit tokens} or {"error": str}.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ENGINE_KWARGS = dict(max_model_len=2048, enforce_eager=True, seed=0, limit_mm_per_prompt={"image": 2})
+RUNNER = Path(__file__).with_name("engine_runner.py")
+
+
+def make_prompt(request: dict) -> dict:
+    from vllm_script.testing import random_image
+
+    tags = "<image>\n" * len(request["images"])
+    prompt = {"prompt": f"USER: {tags}{request['question']} ASSISTANT:"}
+    if request["images"]:
+        images = [random_image(seed) for seed in request["images"]]
+        prompt["multi_modal_data"] = {"image": images if len(images) > 1 else images[0]}
+    if "mm_processor_kwargs" in request:
+        prompt["mm_processor_kwargs"] = request["mm_processor_kwargs"]
+    return prompt
+
+
+def run_requests(llm, requests: list[dict]) -> list[dict]:
+    """Run each request alone (greedy) on `llm`; errors are captured per request."""
+    from vllm import SamplingParams
+
+    results = []
+    for request in requests:
+        params = SamplingParams(max_tokens=request.get("max_tokens", 6), temperature=0)
+        try:
+            out = llm.generate(make_prompt(request), params, use_tqdm=False)[0]
+        except Exception as exc:  # the test inspects the message
+            results.append({"error": f"{type(exc).__name__}: {exc}"})
+            continue
+        results.append(
+            {
+                "prompt_len": len(out.prompt_token_ids),
+                "tokens": list(out.outputs[0].token_ids),
+                "cached": out.num_cached_tokens or 0,
+            }
+        )
+    return results
+
+
+def run_in_fresh_engine(
+    model_dir: Path,
+    requests: list[dict],
+    *,
+    plugins: bool = True,
+    engine_kwargs: dict | None = None,
+    timeout: float = 600,
+) -> list[dict]:
+    """Start a new engine in a separate Python process and run `requests` there.
+
+    plugins=False runs vanilla vLLM (VLLM_PLUGINS set to an allow-list matching nothing),
+    which a process that already loaded the plugin cannot do.
+    """
+    env = dict(os.environ)
+    env["VLLM_PLUGINS"] = "script" if plugins else "none-at-all"
+    spec = {"model": str(model_dir), "requests": requests, "engine_kwargs": engine_kwargs or {}}
+    proc = subprocess.run(
+        [sys.executable, str(RUNNER)],
+        input=json.dumps(spec),
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+    )
+    marker = "ENGINE_RUNNER_RESULT "
+    for line in proc.stdout.splitlines():
+        if line.startswith(marker):
+            return json.loads(line[len(marker) :])
+    raise RuntimeError(f"engine runner failed (rc={proc.returncode}):\n{proc.stderr[-4000:]}")
