@@ -13,7 +13,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-ENGINE_KWARGS = dict(max_model_len=2048, enforce_eager=True, seed=0, limit_mm_per_prompt={"image": 2})
+ENGINE_KWARGS = dict(
+    max_model_len=2048, enforce_eager=True, seed=0, limit_mm_per_prompt={"image": 2}
+)
 RUNNER = Path(__file__).with_name("engine_runner.py")
 
 

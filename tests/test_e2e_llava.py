@@ -62,7 +62,11 @@ def test_one_image_drops_exactly_n_minus_k(llm):
     off, on = run_requests(
         llm,
         [
-            {"question": QUESTIONS[0], "images": [11], "mm_processor_kwargs": {"script": {"method": "none"}}},
+            {
+                "question": QUESTIONS[0],
+                "images": [11],
+                "mm_processor_kwargs": {"script": {"method": "none"}},
+            },
             {"question": QUESTIONS[0], "images": [11]},
         ],
     )
@@ -73,7 +77,11 @@ def test_two_images_drop_exactly_n_minus_k_each(llm):
     off, on = run_requests(
         llm,
         [
-            {"question": QUESTIONS[1], "images": [12, 13], "mm_processor_kwargs": {"script": {"method": "none"}}},
+            {
+                "question": QUESTIONS[1],
+                "images": [12, 13],
+                "mm_processor_kwargs": {"script": {"method": "none"}},
+            },
             {"question": QUESTIONS[1], "images": [12, 13]},
         ],
     )
@@ -85,7 +93,11 @@ def test_per_request_budget_overrides_server(llm):
         llm,
         [
             {"question": QUESTIONS[2], "images": [14]},
-            {"question": QUESTIONS[2], "images": [14], "mm_processor_kwargs": {"script": {"budget": 128}}},
+            {
+                "question": QUESTIONS[2],
+                "images": [14],
+                "mm_processor_kwargs": {"script": {"budget": 128}},
+            },
         ],
     )
     assert wide["prompt_len"] - base["prompt_len"] == 128 - SERVER["budget"]

@@ -36,7 +36,9 @@ def redundancy_order(scores: torch.Tensor) -> torch.Tensor:
     return torch.sort(scores, dim=1, descending=True, stable=True).indices
 
 
-def gsp_select(features: torch.Tensor, k: int, *, tau: float = 0.2, gamma: float = 1.0) -> Selection:
+def gsp_select(
+    features: torch.Tensor, k: int, *, tau: float = 0.2, gamma: float = 1.0
+) -> Selection:
     """[B, N, D], k -> Selection keeping exactly k tokens, by GSP alone.
 
     Each round removes the most redundant src tokens of the survivors (re-split by

@@ -1,0 +1,139 @@
+"""`vllm_script.ops.dpp_greedy_map` against a brute-force greedy over log det."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vllm_script import ops
+
+
+def brute_force_greedy(features, quality, k, candidates):
+    """One image: each step adds the eligible token maximising slogdet(L_Y+i); fp64."""
+    f_hat = torch.nn.functional.normalize(features.double(), dim=-1)
+    q = quality.double()
+    kernel = q[:, None] * q[None, :] * (f_hat @ f_hat.T)
+    chosen: list[int] = []
+    for _ in range(k):
+        best, best_val = None, None
+        for i in range(features.shape[0]):
+            if i in chosen or not candidates[i]:
+                continue
+            idx = chosen + [i]
+            sign, logdet = torch.linalg.slogdet(kernel[idx][:, idx])
+            val = logdet.item() if sign > 0 else float("-inf")
+            if best_val is None or val > best_val + 1e-9:
+                best, best_val = i, val
+        chosen.append(best)
+    return chosen
+
+
+CASES = [(1, 5, 8, 1), (1, 7, 5, 3), (3, 20, 16, 10), (2, 33, 40, 20), (1, 63, 64, 7)]
+
+
+@pytest.mark.parametrize("with_candidates", [False, True], ids=["all", "candidates"])
+@pytest.mark.parametrize(
+    ("b", "n", "d", "k"), CASES, ids=[f"B{b}-N{n}-D{d}-k{k}" for b, n, d, k in CASES]
+)
+def test_matches_brute_force_logdet_greedy(b, n, d, k, with_candidates):
+    gen = torch.Generator().manual_seed(n * 31 + d)
+    features = torch.randn(b, n, d, generator=gen)
+    relevance = torch.rand(b, n, generator=gen) + 0.1
+    candidates = None
+    if with_candidates:
+        candidates = torch.rand(b, n, generator=gen) > 0.3
+        candidates[:, :k] = True  # at least k eligible
+    picks = ops.dpp_greedy_map(features, relevance, k, candidates=candidates, backend="torch")
+    assert picks.shape == (b, k) and picks.dtype == torch.long
+    for i in range(b):
+        mask = candidates[i] if candidates is not None else torch.ones(n, dtype=torch.bool)
+        assert picks[i].tolist() == brute_force_greedy(features[i], relevance[i], k, mask)
+
+
+def test_relevance_none_means_all_ones():
+    features = torch.randn(2, 30, 12)
+    a = ops.dpp_greedy_map(features, None, 9)
+    b = ops.dpp_greedy_map(features, torch.ones(2, 30), 9)
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+def test_low_precision_features_accepted(dtype):
+    features = torch.randn(1, 40, 32).to(dtype)
+    picks = ops.dpp_greedy_map(features, None, 10)
+    assert picks.unique().numel() == 10
+
+
+def test_rank_deficient_returns_k_distinct_and_fills_by_relevance():
+    # D = 3 < k: after 3 picks no gain is left; the rest come by descending relevance
+    gen = torch.Generator().manual_seed(0)
+    features = torch.randn(1, 12, 3, generator=gen)
+    relevance = torch.linspace(0.1, 1.2, 12).unsqueeze(0)
+    picks = ops.dpp_greedy_map(features, relevance, 12)
+    assert sorted(picks[0].tolist()) == list(range(12))
+    tail = picks[0, 3:].tolist()
+    assert tail == sorted(tail, key=lambda i: -relevance[0, i].item())
+
+
+def test_duplicates_are_picked_last_and_never_nan():
+    base = torch.randn(1, 4, 16)
+    features = base.repeat(1, 3, 1)  # tokens 0-3 repeated at 4-7 and 8-11
+    picks = ops.dpp_greedy_map(features, None, 12)
+    assert sorted(picks[0].tolist()) == list(range(12))
+    assert set(picks[0, :4].tolist()) == {0, 1, 2, 3}  # originals first (ties: lowest)
+    assert picks[0, 4:].tolist() == list(range(4, 12))  # equal relevance: lowest index first
+
+
+def test_zero_features_and_zero_relevance_do_not_produce_nan():
+    features = torch.zeros(1, 6, 4)
+    features[0, 0] = 1.0
+    picks = ops.dpp_greedy_map(features, torch.tensor([[1.0, 0, 0, 0, 0, 0]]), 6)
+    assert picks[0, 0].item() == 0
+    assert sorted(picks[0].tolist()) == list(range(6))
+
+
+def test_candidates_are_respected():
+    features = torch.randn(2, 25, 8)
+    candidates = torch.zeros(2, 25, dtype=torch.bool)
+    candidates[0, ::3] = True
+    candidates[1, 1::2] = True
+    picks = ops.dpp_greedy_map(features, None, 9, candidates=candidates)
+    for b in range(2):
+        assert candidates[b, picks[b]].all()
+        assert picks[b].unique().numel() == 9
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"k": 0}, r"k=0 must be in \[1, 10\]"),
+        ({"k": 11}, r"k=11 must be in \[1, 10\]"),
+        (
+            {"k": 4, "candidates": torch.tensor([[True] * 3 + [False] * 7])},
+            r"k=4 must be in \[1, 3\]",
+        ),
+        ({"k": 2, "relevance": -torch.ones(1, 10)}, "non-negative"),
+        ({"k": 2, "relevance": torch.ones(1, 9)}, r"relevance must have shape \[B, N\]"),
+        ({"k": 2, "candidates": torch.ones(1, 10)}, "candidates must be a bool tensor"),
+        ({"k": 2, "backend": "cuda"}, "backend='cuda' is not one of"),
+    ],
+    ids=[
+        "k=0",
+        "k>N",
+        "k>eligible",
+        "negative-relevance",
+        "relevance-shape",
+        "candidates-dtype",
+        "backend",
+    ],
+)
+def test_bad_input_names_the_problem(kwargs, match):
+    kwargs = dict(kwargs)
+    relevance = kwargs.pop("relevance", None)
+    with pytest.raises(ValueError, match=match):
+        ops.dpp_greedy_map(torch.randn(1, 10, 4), relevance, **kwargs)
+
+
+def test_features_must_be_3d():
+    with pytest.raises(ValueError, match=r"features must have shape \[B, N, D\]"):
+        ops.dpp_greedy_map(torch.randn(10, 4), None, 2)

@@ -1,0 +1,111 @@
+"""GSP, QCSP and Script selection, and the llm relevance."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vllm_script.methods.base import apply_selection
+from vllm_script.methods.gsp import gsp_candidates, gsp_scores, gsp_select
+from vllm_script.methods.qcsp import dpp_quality, qcsp_select
+from vllm_script.methods.script import script_select
+from vllm_script.relevance import llm_relevance
+
+
+def distinct_with_duplicates(n: int, d: int, dup_src: list[int], seed: int = 0) -> torch.Tensor:
+    """[1, n, d]: random (near-orthogonal) tokens; each src token in `dup_src` (even index)
+    is an exact copy of the dst token right after it."""
+    features = torch.randn(1, n, d, generator=torch.Generator().manual_seed(seed))
+    for i in dup_src:
+        assert i % 2 == 0
+        features[0, i] = features[0, i + 1]
+    return features
+
+
+def test_gsp_removes_exact_duplicates_before_distinct_tokens():
+    dup = [4, 10, 22]
+    features = distinct_with_duplicates(32, 256, dup)
+    selection = gsp_select(features, 32 - len(dup))
+    assert set(range(32)) - set(selection.keep[0].tolist()) == set(dup)
+
+
+def test_gsp_scores_rank_duplicates_first():
+    dup = [0, 8]
+    scores, degree = gsp_scores(distinct_with_duplicates(20, 256, dup), tau=0.2, gamma=1.0)
+    top = scores[0].argsort(descending=True)[:2]
+    assert sorted((2 * top).tolist()) == dup
+    assert degree[0, 0] >= 1 and degree[0, 4] >= 1  # tokens 0 and 8: src positions 0, 4
+    assert degree[0, 1] == 0  # token 2 resembles no dst token
+
+
+@pytest.mark.parametrize(
+    ("n", "k"), [(2, 1), (7, 1), (7, 3), (63, 7), (577, 64), (576, 575)], ids=lambda v: str(v)
+)
+def test_gsp_select_keeps_exactly_k_in_order(n, k):
+    features = torch.randn(2, n, 16)
+    keep = gsp_select(features, k).keep
+    assert keep.shape == (2, k)
+    for row in keep:
+        assert row.tolist() == sorted(set(row.tolist()))
+
+
+@pytest.mark.parametrize(
+    ("n", "k"), [(1, 1), (7, 1), (7, 7), (63, 7), (577, 64)], ids=lambda v: str(v)
+)
+def test_script_keeps_exactly_k_gsp_survivors(n, k):
+    gen = torch.Generator().manual_seed(n)
+    base = torch.randn(1, max(1, n // 4), 32, generator=gen)
+    # redundant tokens: noisy copies of a few prototypes
+    features = base[:, torch.arange(n) % base.shape[1]] + 0.05 * torch.randn(
+        1, n, 32, generator=gen
+    )
+    features = features.repeat(2, 1, 1)
+    relevance = torch.rand(2, n, generator=gen)
+    selection = script_select(features, relevance, k)
+    survivors = gsp_candidates(features, k, tau=0.2, gamma=1.0, ratio=0.5)
+    assert selection.keep.shape == (2, k)
+    for b in range(2):
+        assert survivors[b, selection.keep[b]].all()
+        assert selection.keep[b].unique().numel() == k
+    assert (selection.info["gsp_removed"] <= n - k).all()
+    if n >= 63:
+        assert (selection.info["gsp_removed"] > 0).all(), "redundant input: GSP should act"
+
+
+def test_script_gsp_never_removes_more_than_n_minus_k():
+    features = torch.ones(1, 10, 8) + 1e-3 * torch.randn(1, 10, 8)  # everything redundant
+    survivors = gsp_candidates(features, 8, tau=0.2, gamma=1.0, ratio=1.0)
+    assert survivors.sum() == 8
+
+
+def test_qcsp_prefers_relevant_tokens_when_theta_high():
+    features = torch.randn(1, 40, 64)
+    relevance = torch.zeros(1, 40)
+    relevance[0, 30:35] = 1.0
+    picks = qcsp_select(features, relevance, 5, theta=0.95).keep
+    assert picks[0].tolist() == [30, 31, 32, 33, 34]
+
+
+def test_dpp_quality_forms():
+    r = torch.tensor([[0.0, 1.0]])
+    assert torch.allclose(dpp_quality(r, 0.5), torch.tensor([[1.0, torch.e**0.5]]))
+    assert torch.equal(dpp_quality(r, 0.0), torch.ones(1, 2))
+    assert dpp_quality(None, 0.5) is None
+
+
+def test_llm_relevance_is_mean_cosine_min_max_normalised():
+    tokens = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]])
+    query = [torch.tensor([[2.0, 0.0]])]
+    rel = llm_relevance(tokens, query)
+    assert torch.allclose(rel, torch.tensor([[1.0, 0.0, 2**-0.5]]), atol=1e-6)
+    assert torch.equal(llm_relevance(tokens, [torch.empty(0, 2)]), torch.zeros(1, 3))
+
+
+def test_apply_selection_gathers_in_order_and_appends_extra():
+    from vllm_script.methods.base import Selection
+
+    tokens = torch.arange(12.0).view(1, 6, 2)
+    sel = Selection(keep=torch.tensor([[1, 4]]), extra=torch.full((1, 1, 2), -1.0))
+    out = apply_selection(tokens, sel)
+    assert out.tolist() == [[[2.0, 3.0], [8.0, 9.0], [-1.0, -1.0]]]
+    assert sel.num_tokens == 3
