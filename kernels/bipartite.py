@@ -2,7 +2,8 @@
 
 Twin (oracle and CPU path): `vllm_script.reference.bipartite.bipartite_stats`, same
 signature and arithmetic: `S_ij = ((f_i . f_j) * r_i) * r_j`, fp32 dots (IEEE fp32 for
-fp32 inputs, bf16/fp16 products accumulated in fp32), `r = 1 / max(||f||, 1e-12)`.
+fp32 inputs, bf16/fp16 products accumulated in fp32; see `kernels.dpp.dot_mode`),
+`r = 1 / max(||f||, 1e-12)`.
 
 One program per (tile of BLOCK_M src tokens, image) walks all dst tokens in tiles of
 BLOCK_N, keeping per src row the degree (#S >= tau), the sum over those edges, the sum
@@ -18,6 +19,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from vllm_script.kernels.dpp import _tile_dot, dot_mode
 
 from vllm_script.reference.bipartite import BipartiteStats
 
@@ -51,7 +53,7 @@ def _bipartite_kernel(
     D,
     N_SRC,
     N_DST,
-    IEEE: tl.constexpr,
+    DOT_MODE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -84,10 +86,7 @@ def _bipartite_kernel(
                 mask=m_d[:, None] & m_n[None, :],
                 other=0.0,
             )
-            if IEEE:
-                b_acc = tl.dot(b_a, b_bt, b_acc, input_precision="ieee")
-            else:
-                b_acc = tl.dot(b_a, b_bt, b_acc)
+            b_acc = _tile_dot(b_a, b_bt, b_acc, DOT_MODE)
         b_inv_n = tl.load(inv_ptr + tok_n, mask=m_n, other=0.0)
         b_sim = (b_acc * b_inv_m[:, None]) * b_inv_n[None, :]
         m_edge = (b_sim >= tau) & m_n[None, :]
@@ -111,6 +110,17 @@ def _bipartite_kernel(
     tl.store(bdst_ptr + o_out, b_arg.to(tl.int64), mask=m_m)
 
 
+def _blocks(n_src: int, n_dst: int, d: int, device: torch.device) -> tuple[int, int, int]:
+    """(BLOCK_M src, BLOCK_N dst, BLOCK_D): wide for the interpreter, MMA-sized on a GPU."""
+    if os.environ.get("TRITON_INTERPRET", "0") == "1" or device.type != "cuda":
+        return (
+            min(128, triton.next_power_of_2(max(n_src, 16))),
+            min(128, triton.next_power_of_2(max(n_dst, 16))),
+            min(32, triton.next_power_of_2(max(d, 16))),
+        )
+    return 64, 64, 32
+
+
 def bipartite_stats(features: torch.Tensor, tau: float) -> BipartiteStats:
     """Triton twin of `vllm_script.reference.bipartite.bipartite_stats` ([B, N, D], tau).
 
@@ -129,21 +139,15 @@ def bipartite_stats(features: torch.Tensor, tau: float) -> BipartiteStats:
     best_dst = torch.zeros(bsz, n_src, dtype=torch.long, device=device)
     if bsz * n_src == 0:
         return BipartiteStats(degree, edge_sum, total_sum, best_sim, best_dst)
-    interp = os.environ.get("TRITON_INTERPRET", "0") == "1" or device.type != "cuda"
+    block_m, block_n, block_d = _blocks(n_src, n_dst, d, device)
     inv = torch.empty(bsz * n, dtype=torch.float32, device=device)
-    block_d = min(256 if interp else 64, triton.next_power_of_2(max(d, 16)))
     _inv_norm_kernel[(triton.cdiv(bsz * n, 128),)](
-        features, inv, bsz * n, d, BLOCK_N=128, BLOCK_D=block_d
+        features, inv, bsz * n, d, BLOCK_N=128, BLOCK_D=max(block_d, 64)
     )
-    if interp:
-        block_m = min(512, triton.next_power_of_2(max(n_src, 16)))
-        block_n = min(512, triton.next_power_of_2(max(n_dst, 16)))
-    else:
-        block_m, block_n, block_d = 64, 64, 32
     _bipartite_kernel[(triton.cdiv(n_src, block_m), bsz)](
         features, inv, degree, edge_sum, total_sum, best_sim, best_dst,
         float(tau), n, d, n_src, n_dst,
-        IEEE=features.dtype == torch.float32, BLOCK_M=block_m, BLOCK_N=block_n,
+        DOT_MODE=dot_mode(features.dtype, device), BLOCK_M=block_m, BLOCK_N=block_n,
         BLOCK_D=block_d,
     )  # fmt: skip
     return BipartiteStats(degree, edge_sum, total_sum, best_sim, best_dst)

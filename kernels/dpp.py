@@ -9,12 +9,14 @@ Plan (one launch per greedy step; the K steps are sequential, so launch latency 
 floor on a GPU and a CUDA graph of the step launches is the way to lower it):
   1. `_dpp_prep_kernel`  per token: f.f, w, L_ii (= the initial gain); per tile max L_ii.
   2. `_dpp_gram_kernel`  (materialised path only) raw dots F F^T per image, tl.dot with
-     fp32 accumulation (IEEE fp32 for fp32 inputs, no TF32).
-  3. `_dpp_init_kernel`  eps per image, first scores, per-tile best (value, index).
-  4. `_dpp_step_kernel`  x K: every program reduces the previous step's per-tile bests to
-     the pick j (largest score, ties to the lowest index), forms its tile of row L[j, :]
-     (from the Gram matrix, or on the fly as F_tile @ f_j), subtracts C[:t, j]^T C[:t, tile],
-     writes C[t, tile], updates gains and publishes its tile's best for the next step.
+     fp32 accumulation (IEEE fp32 for fp32 inputs, no TF32; see `dot_mode`).
+  3. `_dpp_init_kernel`  eps and tie window per image, per-tile best score.
+  4. `_dpp_step_kernel`  x K: every program reduces the per-tile bests to the best score,
+     finds the pick j (the lowest index within the tie window `TIE_RTOL * max L_ii` of the
+     best, scanning only tiles whose best reaches the window), forms its tile of row
+     L[j, :] (from the Gram matrix, or on the fly as F_tile @ f_j), subtracts
+     C[:t, j]^T C[:t, tile], writes C[t, tile], updates its gains (double-buffered, so all
+     programs of a step see the same scores) and publishes its tile's best score.
 Rows on the fly cost K*N*D FLOPs and O(N*(K+D)) memory (long videos); the Gram matrix
 costs N^2*D FLOPs in one GEMM and N^2 fp32 (chosen while it stays small, see
 `MATERIALIZE_MAX_BYTES`). The kernels return indices only; they never gather features.
@@ -28,14 +30,45 @@ import torch
 import triton
 import triton.language as tl
 
-from vllm_script.reference.dpp import GAIN_EPS
+from vllm_script.reference.dpp import GAIN_EPS, TIE_RTOL
 
 # Materialise the per-image Gram matrices while they take at most this much memory.
 MATERIALIZE_MAX_BYTES = 256 * 2**20
 
+# jitted code may only read constexpr globals
+_GAIN_EPS = tl.constexpr(GAIN_EPS)
+_TIE_RTOL = tl.constexpr(TIE_RTOL)
+
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def dot_mode(dtype: torch.dtype, device: torch.device) -> int:
+    """How `_tile_dot` multiplies tiles: 0 tl.dot (bf16/fp16 tensor cores, fp32 accumulation),
+    1 tl.dot in IEEE fp32 (fp32 inputs: no TF32), 2 broadcast-multiply-sum in fp32.
+
+    Mode 2 is for the interpreter: its tl.dot is numpy's GEMM, whose rounding depends on an
+    element's position in the tile (so exact duplicate tokens stop tying), and its bf16 dot
+    is broken in triton 3.8. bf16/fp16 products are exact in fp32, so the modes agree up to
+    the order of the fp32 sums.
+    """
+    if _interpreting() or device.type != "cuda":
+        return 2
+    return 1 if dtype == torch.float32 else 0
+
+
+@triton.jit
+def _tile_dot(b_a, b_bt, b_acc, DOT_MODE: tl.constexpr):
+    """b_acc + b_a [M, K] @ b_bt [K, N], fp32 accumulation (see `dot_mode`)."""
+    if DOT_MODE == 2:
+        b_prod = b_a.to(tl.float32)[:, :, None] * b_bt.to(tl.float32)[None, :, :]
+        b_acc += tl.sum(b_prod, axis=1)
+    elif DOT_MODE == 1:
+        b_acc = tl.dot(b_a, b_bt, b_acc, input_precision="ieee")
+    else:
+        b_acc = tl.dot(b_a, b_bt, b_acc)
+    return b_acc
 
 
 @triton.jit
@@ -89,7 +122,7 @@ def _dpp_gram_kernel(
     soff_ptr,
     s_ptr,
     D,
-    IEEE: tl.constexpr,
+    DOT_MODE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -97,7 +130,7 @@ def _dpp_gram_kernel(
     i_m, i_n, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     bos = tl.load(cu_ptr + i_b)
     n = tl.load(cu_ptr + i_b + 1) - bos
-    if i_m * BLOCK_M >= n or i_n * BLOCK_N >= n:
+    if (i_m * BLOCK_M >= n) | (i_n * BLOCK_N >= n):
         return
     o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
     o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -110,10 +143,7 @@ def _dpp_gram_kernel(
         p_b = f_ptr + (bos + o_n)[None, :].to(tl.int64) * D + o_d[:, None]
         b_a = tl.load(p_a, mask=m_m[:, None] & m_d[None, :], other=0.0)
         b_bt = tl.load(p_b, mask=m_d[:, None] & m_n[None, :], other=0.0)
-        if IEEE:
-            b_acc = tl.dot(b_a, b_bt, b_acc, input_precision="ieee")
-        else:
-            b_acc = tl.dot(b_a, b_bt, b_acc)
+        b_acc = _tile_dot(b_a, b_bt, b_acc, DOT_MODE)
     p_s = s_ptr + tl.load(soff_ptr + i_b) + o_m[:, None].to(tl.int64) * n + o_n[None, :]
     tl.store(p_s, b_acc, mask=m_m[:, None] & m_n[None, :])
 
@@ -126,6 +156,15 @@ def _dpp_score(b_g, b_q, b_av, m_n, eps):
 
 
 @triton.jit
+def _dpp_load_q(q_ptr, o, m, HAS_Q: tl.constexpr, BLOCK_N: tl.constexpr):
+    if HAS_Q:
+        b_q = tl.maximum(tl.load(q_ptr + o, mask=m, other=0.0).to(tl.float32), 0.0)
+    else:
+        b_q = tl.full([BLOCK_N], 1.0, dtype=tl.float32)
+    return b_q
+
+
+@triton.jit
 def _dpp_init_kernel(
     q_ptr,
     cu_ptr,
@@ -133,8 +172,8 @@ def _dpp_init_kernel(
     avail_ptr,
     pmax_ptr,
     eps_ptr,
+    tie_ptr,
     pval_ptr,
-    pidx_ptr,
     NT,
     HAS_Q: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -145,21 +184,17 @@ def _dpp_init_kernel(
     n = tl.load(cu_ptr + i_b + 1) - bos
     o_nt = tl.arange(0, BLOCK_NT)
     b_pmax = tl.load(pmax_ptr + i_b * NT + o_nt, mask=o_nt < NT, other=0.0)
-    eps = GAIN_EPS * tl.maximum(tl.max(b_pmax, axis=0), 1e-30)
+    dmax = tl.maximum(tl.max(b_pmax, axis=0), 1e-30)
+    eps = dmax * _GAIN_EPS
     if i_t == 0:
         tl.store(eps_ptr + i_b, eps)
+        tl.store(tie_ptr + i_b, dmax * _TIE_RTOL)
     o_n = i_t * BLOCK_N + tl.arange(0, BLOCK_N)
     m_n = o_n < n
     b_g = tl.load(gain_ptr + bos + o_n, mask=m_n, other=0.0)
-    if HAS_Q:
-        b_q = tl.maximum(tl.load(q_ptr + bos + o_n, mask=m_n, other=0.0).to(tl.float32), 0.0)
-    else:
-        b_q = tl.full([BLOCK_N], 1.0, dtype=tl.float32)
+    b_q = _dpp_load_q(q_ptr, bos + o_n, m_n, HAS_Q, BLOCK_N)
     b_av = tl.load(avail_ptr + bos + o_n, mask=m_n, other=0)
-    b_s = _dpp_score(b_g, b_q, b_av, m_n, eps)
-    b_v, b_a = tl.max(b_s, axis=0, return_indices=True, return_indices_tie_break_left=True)
-    tl.store(pval_ptr + i_b * NT + i_t, b_v)
-    tl.store(pidx_ptr + i_b * NT + i_t, i_t * BLOCK_N + b_a)
+    tl.store(pval_ptr + i_b * NT + i_t, tl.max(_dpp_score(b_g, b_q, b_av, m_n, eps), axis=0))
 
 
 @triton.jit(do_not_specialize=["t"])
@@ -172,15 +207,16 @@ def _dpp_step_kernel(
     gain_ptr,
     avail_ptr,
     eps_ptr,
+    tie_ptr,
     soff_ptr,
     s_ptr,
     coff_ptr,
     c_ptr,
     pval_ptr,
-    pidx_ptr,
     picks_ptr,
     t,
     B,
+    T,
     D,
     NT,
     MAX_K,
@@ -195,24 +231,39 @@ def _dpp_step_kernel(
     k = tl.load(k_ptr + i_b)
     bos = tl.load(cu_ptr + i_b)
     n = tl.load(cu_ptr + i_b + 1) - bos
-    if t >= k or i_t * BLOCK_N >= n:
+    if (t >= k) | (i_t * BLOCK_N >= n):
         return
-    # the pick of step t: the best of the per-tile bests, ties to the lowest index
-    p_in = (t % 2) * B * NT + i_b * NT
+    nt = tl.cdiv(n, BLOCK_N)
+    # state of step t (gains, avail) is read from buffer t % 2 and written to the other,
+    # so every program sees the same scores while the picks' owners update theirs
+    g_in = gain_ptr + (t % 2) * T + bos
+    a_in = avail_ptr + (t % 2) * T + bos
+    g_out = gain_ptr + ((t + 1) % 2) * T + bos
+    a_out = avail_ptr + ((t + 1) % 2) * T + bos
+    p_in = pval_ptr + (t % 2) * B * NT + i_b * NT
     o_nt = tl.arange(0, BLOCK_NT)
-    m_nt = o_nt < tl.cdiv(n, BLOCK_N)
-    b_pv = tl.load(pval_ptr + p_in + o_nt, mask=m_nt, other=float("-inf"))
-    b_pi = tl.load(pidx_ptr + p_in + o_nt, mask=m_nt, other=2147483647)
-    best = tl.max(b_pv, axis=0)
-    j = tl.min(tl.where(b_pv == best, b_pi, 2147483647), axis=0)
+    best = tl.max(tl.load(p_in + o_nt, mask=o_nt < nt, other=float("-inf")), axis=0)
+    eps = tl.load(eps_ptr + i_b)
+    thr = tl.where(best > eps, best - tl.load(tie_ptr + i_b), best)
+    # the pick: the lowest index whose score is within the tie window of the best
+    j = i_t * 0 + 2147483647
+    for it in range(0, nt):
+        if tl.load(p_in + it) >= thr:
+            o_s = it * BLOCK_N + tl.arange(0, BLOCK_N)
+            m_s = o_s < n
+            b_sg = tl.load(g_in + o_s, mask=m_s, other=0.0)
+            b_sq = _dpp_load_q(q_ptr, bos + o_s, m_s, HAS_Q, BLOCK_N)
+            b_sa = tl.load(a_in + o_s, mask=m_s, other=0)
+            b_ss = _dpp_score(b_sg, b_sq, b_sa, m_s, eps)
+            j = tl.minimum(j, tl.min(tl.where(b_ss >= thr, o_s, 2147483647), axis=0))
     if i_t == 0:
         tl.store(picks_ptr + i_b * MAX_K + t, j.to(tl.int64))
-    eps = tl.load(eps_ptr + i_b)
+    gain_j = tl.load(g_in + j)
 
     o_n = i_t * BLOCK_N + tl.arange(0, BLOCK_N)
     m_n = o_n < n
-    b_g = tl.load(gain_ptr + bos + o_n, mask=m_n, other=0.0)
-    if best > eps:
+    b_g = tl.load(g_in + o_n, mask=m_n, other=0.0)
+    if gain_j > eps:
         # tile of row L[j, :]
         if MATERIALIZED:
             p_s = s_ptr + tl.load(soff_ptr + i_b) + j.to(tl.int64) * n + o_n
@@ -234,41 +285,36 @@ def _dpp_step_kernel(
         c_base = c_ptr + tl.load(coff_ptr + i_b)
         b_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
         for s0 in range(0, t, BLOCK_T):
-            o_s = s0 + tl.arange(0, BLOCK_T)
-            m_s = o_s < t
-            b_cj = tl.load(c_base + o_s.to(tl.int64) * n + j, mask=m_s, other=0.0)
-            p_c = c_base + o_s[:, None].to(tl.int64) * n + o_n[None, :]
-            b_c = tl.load(p_c, mask=m_s[:, None] & m_n[None, :], other=0.0)
+            o_r = s0 + tl.arange(0, BLOCK_T)
+            m_r = o_r < t
+            b_cj = tl.load(c_base + o_r.to(tl.int64) * n + j, mask=m_r, other=0.0)
+            p_c = c_base + o_r[:, None].to(tl.int64) * n + o_n[None, :]
+            b_c = tl.load(p_c, mask=m_r[:, None] & m_n[None, :], other=0.0)
             b_acc += tl.sum(b_cj[:, None] * b_c, axis=0)
-        b_e = tl.div_rn(b_l - b_acc, tl.sqrt_rn(best))
+        b_e = tl.div_rn(b_l - b_acc, tl.sqrt_rn(gain_j))
         tl.store(c_base + t * n + o_n, b_e, mask=m_n)
         b_g = b_g - b_e * b_e
-        tl.store(gain_ptr + bos + o_n, b_g, mask=m_n)
-    # scores for step t + 1
-    b_av = tl.load(avail_ptr + bos + o_n, mask=m_n, other=0)
+    b_av = tl.load(a_in + o_n, mask=m_n, other=0)
     b_av = tl.where(o_n == j, 0, b_av).to(tl.int8)
-    tl.store(avail_ptr + bos + o_n, b_av, mask=m_n & (o_n == j))
-    if HAS_Q:
-        b_q = tl.maximum(tl.load(q_ptr + bos + o_n, mask=m_n, other=0.0).to(tl.float32), 0.0)
-    else:
-        b_q = tl.full([BLOCK_N], 1.0, dtype=tl.float32)
+    tl.store(g_out + o_n, b_g, mask=m_n)
+    tl.store(a_out + o_n, b_av, mask=m_n)
+    # this tile's best score for step t + 1
+    b_q = _dpp_load_q(q_ptr, bos + o_n, m_n, HAS_Q, BLOCK_N)
     b_s = _dpp_score(b_g, b_q, b_av, m_n, eps)
-    b_v, b_a = tl.max(b_s, axis=0, return_indices=True, return_indices_tie_break_left=True)
-    p_out = ((t + 1) % 2) * B * NT + i_b * NT + i_t
-    tl.store(pval_ptr + p_out, b_v)
-    tl.store(pidx_ptr + p_out, i_t * BLOCK_N + b_a)
+    tl.store(pval_ptr + ((t + 1) % 2) * B * NT + i_b * NT + i_t, tl.max(b_s, axis=0))
 
 
-def _blocks(max_n: int, d: int, device: torch.device) -> tuple[int, int, int]:
-    """(BLOCK_N, BLOCK_T, BLOCK_D): wide tiles for the interpreter (numpy is fast on big
-    blocks, slow per program), narrow ones on a GPU (more programs per step)."""
+def _blocks(max_n: int, d: int, device: torch.device) -> tuple[int, int, int, int, int]:
+    """(BLOCK_N, BLOCK_T, BLOCK_D, Gram BLOCK_M = BLOCK_N, Gram BLOCK_D).
+
+    Wide tiles for the interpreter (numpy is fast on big blocks, slow per program),
+    narrow ones on a GPU (more programs per step). Tests patch this to force many tiles.
+    """
     if _interpreting() or device.type != "cuda":
-        return (
-            min(1024, triton.next_power_of_2(max(max_n, 16))),
-            64,
-            min(256, triton.next_power_of_2(max(d, 16))),
-        )
-    return 128, 32, 128
+        blk_n = min(1024, triton.next_power_of_2(max(max_n, 16)))
+        blk_d = min(256, triton.next_power_of_2(max(d, 16)))
+        return blk_n, 64, blk_d, min(64, blk_n), min(32, blk_d)
+    return 128, 32, 128, 64, 32
 
 
 def use_gram(lengths: list[int], device: torch.device) -> bool:
@@ -307,7 +353,7 @@ def dpp_greedy_map_varlen(
     features = features.contiguous()
     if features.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         features = features.float()
-    block_n, block_t, block_d = _blocks(max_n, d, device)
+    block_n, block_t, block_d, gram_m, gram_d = _blocks(max_n, d, device)
     nt = triton.cdiv(max_n, block_n)
     block_nt = triton.next_power_of_2(nt)
     cu = cu_seqlens.to(device=device, dtype=torch.int64).contiguous()
@@ -316,12 +362,12 @@ def dpp_greedy_map_varlen(
     cand = None if candidates is None else candidates.contiguous()
 
     w = torch.empty(total, dtype=torch.float32, device=device)
-    gains = torch.empty(total, dtype=torch.float32, device=device)
-    avail = torch.empty(total, dtype=torch.int8, device=device)
+    gains = torch.empty(2, total, dtype=torch.float32, device=device)  # double-buffered
+    avail = torch.empty(2, total, dtype=torch.int8, device=device)
     pmax = torch.zeros(bsz, nt, dtype=torch.float32, device=device)
     eps = torch.empty(bsz, dtype=torch.float32, device=device)
+    tie = torch.empty(bsz, dtype=torch.float32, device=device)
     pval = torch.full((2, bsz, nt), float("-inf"), dtype=torch.float32, device=device)
-    pidx = torch.zeros(2, bsz, nt, dtype=torch.int32, device=device)
     picks = torch.full((bsz, max_k), -1, dtype=torch.int64, device=device)
     c_sizes = [k_b * n_b for k_b, n_b in zip(k, lengths, strict=True)]
     coff = torch.tensor([0] + c_sizes[:-1], device=device).cumsum(0)
@@ -340,26 +386,23 @@ def dpp_greedy_map_varlen(
         s_sizes = [n_b * n_b for n_b in lengths]
         soff = torch.tensor([0] + s_sizes[:-1], device=device).cumsum(0)
         sim = torch.empty(max(sum(s_sizes), 1), dtype=torch.float32, device=device)
-        if _interpreting() or device.type != "cuda":
-            bm, bd = min(256, triton.next_power_of_2(max(max_n, 16))), block_d
-        else:
-            bm, bd = 64, 32
-        ggrid = (triton.cdiv(max_n, bm), triton.cdiv(max_n, bm), bsz)
+        ggrid = (triton.cdiv(max_n, gram_m), triton.cdiv(max_n, gram_m), bsz)
         _dpp_gram_kernel[ggrid](
             features, cu, soff, sim, d,
-            IEEE=features.dtype == torch.float32, BLOCK_M=bm, BLOCK_N=bm, BLOCK_D=bd,
+            DOT_MODE=dot_mode(features.dtype, device), BLOCK_M=gram_m, BLOCK_N=gram_m,
+            BLOCK_D=gram_d,
         )  # fmt: skip
     else:
         soff, sim = cu, dummy
 
     _dpp_init_kernel[grid](
-        dummy if rel is None else rel, cu, gains, avail, pmax, eps, pval, pidx, nt,
+        dummy if rel is None else rel, cu, gains, avail, pmax, eps, tie, pval, nt,
         HAS_Q=rel is not None, BLOCK_N=block_n, BLOCK_NT=block_nt,
     )  # fmt: skip
     for t in range(max_k):
         _dpp_step_kernel[grid](
-            features, dummy if rel is None else rel, cu, kk, w, gains, avail, eps,
-            soff, sim, coff, chol, pval, pidx, picks, t, bsz, d, nt, max_k,
+            features, dummy if rel is None else rel, cu, kk, w, gains, avail, eps, tie,
+            soff, sim, coff, chol, pval, picks, t, bsz, total, d, nt, max_k,
             HAS_Q=rel is not None, MATERIALIZED=gram, BLOCK_N=block_n, BLOCK_NT=block_nt,
             BLOCK_T=block_t, BLOCK_D=block_d,
         )  # fmt: skip

@@ -22,6 +22,11 @@ import torch
 # A gain d_i^2 at or below GAIN_EPS * max_i L_ii is treated as zero: fp32 Cholesky
 # updates leave ~1e-7 noise where the true gain is 0 (duplicates, rank deficiency).
 GAIN_EPS = 1e-5
+# Gains within TIE_RTOL * max_i L_ii of the best are a tie, won by the lowest index.
+# Exact duplicates have equal gains in exact arithmetic, but fp32 rounding depends on the
+# order of operations (a GEMM's blocking, a GPU's reduction tree), so an exact `argmax`
+# would break their ties at random; this window makes kernel and twin agree.
+TIE_RTOL = 1e-6
 
 # Picks kept pending before their Cholesky rows are applied to every live token at once
 # (one [N, D] x [D, BLOCK] GEMM); between two commits only the few tokens that reach the
@@ -54,6 +59,22 @@ def sumsq(features: torch.Tensor) -> torch.Tensor:
         if features.shape[0]
         else features.new_zeros(0, dtype=torch.float32)
     )
+
+
+def select(score: torch.Tensor, eps: torch.Tensor, tie: torch.Tensor) -> torch.Tensor:
+    """[..., N] scores -> [..., N] bool: the tie window of the greedy choice.
+
+    With a positive best gain `m > eps` the window is `score >= m - tie`; in the fill phase
+    (`m` is a fill score) it is `score == m`. The pick is the window's lowest index.
+    """
+    m = score.amax(dim=-1, keepdim=True)
+    thr = torch.where(m > eps, m - tie, m)
+    return score >= thr
+
+
+def first_true(mask: torch.Tensor) -> torch.Tensor:
+    """[..., N] bool -> [...] int64: index of the first True (argmax returns the first max)."""
+    return mask.to(torch.uint8).argmax(dim=-1)
 
 
 def token_scale(sq: torch.Tensor, quality: torch.Tensor) -> torch.Tensor:
@@ -94,10 +115,13 @@ def _greedy_one(
     """
     n = features.shape[0]
     device = features.device
+    if k == 0:
+        return torch.empty(0, dtype=torch.long, device=device)
     sq = sumsq(features)
     w = token_scale(sq, quality)
     diag = (sq * w) * w  # L_ii
-    eps = GAIN_EPS * float(diag.max().clamp_min(1e-30)) if n else 0.0
+    dmax = diag.max().clamp_min(1e-30)
+    eps, tie = dmax * GAIN_EPS, dmax * TIE_RTOL
     fill = fill_score(quality.float())
 
     gains = diag.clone()  # exact for up-to-date tokens, an upper bound for stale ones
@@ -129,18 +153,21 @@ def _greedy_one(
         p = t - t0
         while True:
             score = torch.where(gains > eps, gains, fill).masked_fill_(~avail, float("-inf"))
-            j = int(score.argmax())
-            if p == 0 or bool(fresh[j]) or float(gains[j]) <= eps:
+            window = select(score, eps, tie)
+            # stale gains are upper bounds: the window is exact once none of it is stale
+            stale = window & ~fresh & (gains > eps)
+            if p == 0 or not bool(stale.any()):
+                j = int(first_true(window))
                 break
             top = torch.topk(score, min(REFRESH, n)).indices
             top = top[(~fresh[top]) & (gains[top] > eps) & avail[top]]
+            top = torch.unique(torch.cat([top, stale.nonzero().squeeze(1)]))
             x = rows_for(top, t)
             pend[:p, top] = x
             gains[top] = base[top] - x.square().sum(0)
             fresh[top] = True
 
-        gain_j = float(gains[j])
-        if gain_j <= eps:
+        if not bool(gains[j] > eps):
             # No eligible token has a gain left, and gains never grow: fill the rest by
             # descending relevance, ties to the lowest index.
             order = torch.sort(score, descending=True, stable=True).indices
@@ -149,7 +176,7 @@ def _greedy_one(
         picks[t] = j
         avail[j] = False
         tri[p, :p] = pend[:p, j]
-        tri[p, p] = gain_j**0.5
+        tri[p, p] = gains[j].sqrt()
         fresh.zero_()
         if p + 1 == COMMIT_BLOCK and t + 1 < k:
             live = avail & (gains > eps)
@@ -160,6 +187,48 @@ def _greedy_one(
             tri = torch.eye(COMMIT_BLOCK, device=device)
             t0 = t + 1
     return picks
+
+
+def dpp_greedy_map_materialized(
+    features: torch.Tensor,
+    relevance: torch.Tensor | None,
+    k: int,
+    *,
+    candidates: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The authors' way, as a baseline and a second oracle: same contract and arithmetic as
+    `dpp_greedy_map`, but it materialises `L` (one N x N GEMM per image) and runs the K
+    greedy steps one after the other over whole rows of `L`. O(N^2) memory: small N only.
+    """
+    bsz, n, _ = features.shape
+    out = torch.empty(bsz, k, dtype=torch.long, device=features.device)
+    for b in range(bsz):
+        f = features[b].float()
+        q = torch.ones(n, device=f.device) if relevance is None else relevance[b].float()
+        q = q.clamp_min(0)
+        sq = sumsq(f)
+        w = token_scale(sq, q)
+        big_l = ((f @ f.T) * w) * w.unsqueeze(1)
+        gains = (sq * w) * w
+        dmax = gains.max().clamp_min(1e-30)
+        eps, tie = dmax * GAIN_EPS, dmax * TIE_RTOL
+        fill = fill_score(q)
+        avail = (
+            torch.ones(n, dtype=torch.bool, device=f.device)
+            if candidates is None
+            else candidates[b].clone()
+        )
+        chol = torch.zeros(k, n, device=f.device)
+        for t in range(k):
+            score = torch.where(gains > eps, gains, fill).masked_fill_(~avail, float("-inf"))
+            j = int(first_true(select(score, eps, tie)))
+            out[b, t] = j
+            avail[j] = False
+            if bool(gains[j] > eps):
+                e = (big_l[j] - chol[:t, j] @ chol[:t]) / gains[j].sqrt()
+                chol[t] = e
+                gains = gains - e.square()
+    return out
 
 
 def dpp_greedy_map(
