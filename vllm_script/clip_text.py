@@ -154,6 +154,30 @@ def _read_clip_config(path: str) -> dict:
     return config
 
 
+def check_clip_checkpoint(path: str | os.PathLike, vision_width: int):
+    """Check (config only, no weights) that `path` is a CLIP checkpoint of `vision_width`.
+
+    Returns its `CLIPConfig`. Raises ClipCheckpointError naming the path when it is
+    missing or not a CLIP checkpoint, and naming both widths when they differ. Cheap
+    enough for the front-end to call at start-up.
+    """
+    from transformers import CLIPConfig
+
+    path = os.fspath(path)
+    if isinstance(vision_width, bool) or not isinstance(vision_width, int) or vision_width < 1:
+        raise ValueError(f"vision_width={vision_width!r} is not allowed; it must be an int >= 1")
+    _read_clip_config(path)
+    config = CLIPConfig.from_pretrained(path)
+    ckpt_width = config.vision_config.hidden_size
+    if ckpt_width != vision_width:
+        raise ClipCheckpointError(
+            f"CLIP checkpoint {path!r} has vision hidden size {ckpt_width}, but the model's "
+            f"vision tower has width {vision_width}; use the CLIP checkpoint the model's "
+            f"vision tower comes from"
+        )
+    return config
+
+
 def load_clip_relevance(
     path: str | os.PathLike,
     vision_width: int,
@@ -168,20 +192,10 @@ def load_clip_relevance(
     the path when it is missing or not a CLIP checkpoint, and naming both widths when
     they differ. The whole CLIPModel is read once; the vision encoder is then dropped.
     """
-    from transformers import AutoTokenizer, CLIPConfig, CLIPModel
+    from transformers import AutoTokenizer, CLIPModel
 
     path = os.fspath(path)
-    if isinstance(vision_width, bool) or not isinstance(vision_width, int) or vision_width < 1:
-        raise ValueError(f"vision_width={vision_width!r} is not allowed; it must be an int >= 1")
-    _read_clip_config(path)
-    config = CLIPConfig.from_pretrained(path)
-    ckpt_width = config.vision_config.hidden_size
-    if ckpt_width != vision_width:
-        raise ClipCheckpointError(
-            f"CLIP checkpoint {path!r} has vision hidden size {ckpt_width}, but the model's "
-            f"vision tower has width {vision_width}; use the CLIP checkpoint the model's "
-            f"vision tower comes from"
-        )
+    config = check_clip_checkpoint(path, vision_width)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except Exception as exc:  # noqa: BLE001 - any failure means "no usable tokenizer"
