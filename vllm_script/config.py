@@ -110,9 +110,8 @@ def _check_value(key: str, value: object, where: str) -> object:
     elif key == "negate_relevance":
         if not isinstance(value, bool):
             raise _bad(key, value, "true or false", where)
-    elif key == "clip_path":
-        if value is not None and (not isinstance(value, str) or not value):
-            raise _bad(key, value, "a path to a local CLIP checkpoint directory", where)
+    elif key == "clip_path" and value is not None and (not isinstance(value, str) or not value):
+        raise _bad(key, value, "a path to a local CLIP checkpoint directory", where)
     return value
 
 
@@ -143,8 +142,10 @@ def parse_server_settings(raw: object) -> ScriptSettings | None:
     where = "server setting (hf_overrides)"
     values = _parse_mapping(raw, where)
     settings = ScriptSettings(**values)
-    if settings.max_budget is not None and "budget" in values and (
-        settings.budget > settings.max_budget
+    if (
+        settings.max_budget is not None
+        and "budget" in values
+        and (settings.budget > settings.max_budget)
     ):
         raise _bad("budget", settings.budget, f"<= max_budget ({settings.max_budget})", where)
     if settings.relevance == "clip" and settings.clip_path is None:

@@ -1,31 +1,64 @@
 """Apply the configured method to a batch of images' visual tokens (no vLLM imports).
 
-The model side of every architecture calls `prune_items`; it groups items that share
-a token count and settings, selects per group in one batched call, and gathers.
+The model side of every architecture describes each image as an `ImageInput` and
+calls `prune_items`; it groups items that share a token count and settings, selects per
+group in one batched call, and returns exactly `kept_count(N, settings)` rows per image.
+
+Where each method works:
+
+- LLM space (post-projector tokens): `script`, `gsp`, `qcsp`, `divprune`, `uniform`.
+  Their rows are the kept projected tokens.
+- Vision space (pre-projector patch features: the vision tower's selected layer, CLS
+  dropped): `trim` and `prumerge+`. Their kept, merged and extra rows are built from the
+  features and then projected, so the LLM receives projector outputs only.
+
+Relevance (`script`, `qcsp`, `trim`): `relevance="llm"` uses the question's token ids
+embedded with the LLM's input-embedding table; `relevance="clip"` the question's text
+through a CLIP text tower against `visual_projection(post_layernorm(features))` (the
+server's `clip_path` checkpoint, see `vllm_script.clip_text`). TRIM's score is CLIP's
+metric; with `relevance="llm"` TRIM runs on an LLM-space proxy (softmax over patches of
+the cosine between the projected tokens and the mean of the question's normalised input
+embeddings) so it also works without a CLIP checkpoint. `negate_relevance` flips the
+sign of CLIP similarities only (the authors' code), for every method that uses them.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections import deque
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from vllm_script.config import ScriptSettings, kept_count
-from vllm_script.methods.base import Selection, apply_selection
-from vllm_script.methods.gsp import gsp_select
-from vllm_script.methods.qcsp import qcsp_select
-from vllm_script.methods.script import script_select
+from vllm_script.methods import (
+    Selection,
+    apply_selection,
+    clip_relevance,
+    cls_attention_from_qk,
+    divprune_select,
+    gsp_select,
+    prumerge_plus_select,
+    qcsp_select,
+    script_select,
+    trim_select,
+    uniform_select,
+)
 from vllm_script.relevance import llm_relevance
 
 logger = logging.getLogger("vllm_script")
 
 # Debugging / tests / visualisation: with VLLM_SCRIPT_RECORD_SELECTIONS=1 each worker
-# keeps the last selections it made (method, N, K, kept indices, question ids).
+# keeps the last selections it made (method, N, K, kept indices, question ids, ...).
 RECORD_ENV = "VLLM_SCRIPT_RECORD_SELECTIONS"
 _recent: deque[dict] = deque(maxlen=256)
+
+LLM_SPACE_METHODS = ("script", "gsp", "qcsp", "divprune", "uniform")
+VISION_SPACE_METHODS = ("trim", "prumerge+")
 
 
 def recent_selections(_worker: object = None) -> list[dict]:
@@ -33,70 +66,265 @@ def recent_selections(_worker: object = None) -> list[dict]:
     return list(_recent)
 
 
-def select_tokens(
-    tokens: torch.Tensor,
-    k: int,
-    settings: ScriptSettings,
-    relevance: torch.Tensor | None,
-) -> Selection:
-    """[B, N, D] LLM-space tokens, k -> Selection by `settings.method`."""
-    method = settings.method
+@dataclass
+class ImageInput:
+    """One image as the model side has it (fields a method does not need may be None).
+
+    tokens:     [N, D] post-projector tokens; None when `features` is given and the
+                context has `project` (projected here only if a method needs them).
+    features:   [N, Dv] pre-projector patch features (the vision tower's selected layer,
+                CLS dropped). Needed by `trim`, `prumerge+` and `relevance="clip"`.
+    cls_query:  [Dk] query of the CLS token at the vision layer whose attention
+                PruMerge+ uses; `layer_keys`: [M, Dk] keys of all M tokens of that layer
+                (prefix / CLS first, the N patches last). Needed by `prumerge+`.
+    grid:       (h, w) raster layout of the N tokens, or None (1-D) for `uniform` and
+                `prumerge+`'s uniform top-up.
+    query_ids:  the question's LLM token ids; `query_text`: its text (for CLIP).
+    """
+
+    tokens: torch.Tensor | None = None
+    features: torch.Tensor | None = None
+    cls_query: torch.Tensor | None = None
+    layer_keys: torch.Tensor | None = None
+    grid: tuple[int, int] | None = None
+    query_ids: torch.Tensor | None = None
+    query_text: str = ""
+
+    @property
+    def num_tokens(self) -> int:
+        ref = self.tokens if self.tokens is not None else self.features
+        assert ref is not None, "an ImageInput needs tokens or features"
+        return ref.shape[0]
+
+
+@dataclass
+class PruneContext:
+    """What the model provides to `prune_items`.
+
+    embed_query: LLM token ids [T] -> [T, D] input embeddings (relevance "llm").
+    project:     [..., Dv] pre-projector features -> [..., D] tokens (the projector);
+                 None if the architecture gives only post-projector tokens.
+    clip:        a loaded `vllm_script.clip_text.ClipRelevance`, or None (no clip_path).
+    """
+
+    embed_query: Callable[[torch.Tensor], torch.Tensor]
+    project: Callable[[torch.Tensor], torch.Tensor] | None = None
+    clip: object | None = None
+
+
+def square_grid(num_tokens: int) -> tuple[int, int] | None:
+    """(s, s) when num_tokens == s * s (LLaVA-1.5: 576 -> (24, 24)), else None."""
+    side = math.isqrt(num_tokens)
+    return (side, side) if side * side == num_tokens else None
+
+
+class _Group:
+    """Items of one (N, settings) group, with lazily built stacked inputs."""
+
+    def __init__(self, items: list[ImageInput], cfg: ScriptSettings, ctx: PruneContext):
+        self.items, self.cfg, self.ctx = items, cfg, ctx
+        self._tokens: torch.Tensor | None = None
+        self._stacked: dict[str, torch.Tensor] = {}
+
+    def need(self, name: str) -> torch.Tensor:
+        if name in self._stacked:
+            return self._stacked[name]
+        values = [getattr(item, name) for item in self.items]
+        if any(v is None for v in values):
+            raise RuntimeError(
+                f"method {self.cfg.method!r} needs the images' {name}, which this "
+                f"architecture does not provide to vllm-script"
+            )
+        self._stacked[name] = torch.stack(values)
+        return self._stacked[name]
+
+    @property
+    def features(self) -> torch.Tensor:
+        return self.need("features")
+
+    @property
+    def tokens(self) -> torch.Tensor:
+        if self._tokens is None:
+            if all(item.tokens is not None for item in self.items):
+                self._tokens = torch.stack([item.tokens for item in self.items])
+            elif self.ctx.project is not None:
+                self._tokens = self.ctx.project(self.features)
+            else:
+                self._tokens = self.need("tokens")
+        return self._tokens
+
+    def clip_model(self):
+        if self.ctx.clip is None:
+            raise RuntimeError(
+                "relevance='clip' needs the server's clip_path checkpoint, which is not loaded"
+            )
+        return self.ctx.clip
+
+    def clip_image_embeds(self) -> torch.Tensor:
+        return self.clip_model().image_embeds(self.features)
+
+    def clip_text_embeds(self) -> torch.Tensor:
+        return self.clip_model().text_embeds([item.query_text for item in self.items])
+
+    def query_embeds(self) -> list[torch.Tensor]:
+        return [
+            self.ctx.embed_query(
+                item.query_ids if item.query_ids is not None else torch.zeros(0, dtype=torch.long)
+            )
+            for item in self.items
+        ]
+
+    def relevance(self) -> torch.Tensor:
+        """[B, N] in [0, 1] from the configured source."""
+        if self.cfg.relevance == "clip":
+            return clip_relevance(
+                self.clip_image_embeds(), self.clip_text_embeds(), negate=self.cfg.negate_relevance
+            ).to(self.tokens.device)
+        return llm_relevance(self.tokens, self.query_embeds())
+
+    def trim_embeds(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(image embeds [B, N, E], question embeds [B, E]) for TRIM's score."""
+        if self.cfg.relevance == "clip":
+            image = self.clip_image_embeds()
+            return image, self.clip_text_embeds().to(image.device)
+        tokens = self.tokens
+        text = []
+        for q in self.query_embeds():
+            if q.numel() == 0:  # no question: equal scores, TRIM keeps the first tokens
+                text.append(torch.zeros(tokens.shape[-1], device=tokens.device))
+            else:
+                text.append(F.normalize(q.float(), dim=-1).mean(dim=0))
+        return tokens, torch.stack(text)
+
+
+def _select(group: _Group, k: int) -> tuple[Selection, torch.Tensor]:
+    """Select per `group.cfg.method`; returns the selection and what it applies to."""
+    cfg, n = group.cfg, group.items[0].num_tokens
+    method = cfg.method
     if method == "script":
-        return script_select(
+        tokens = group.tokens
+        selection = script_select(
             tokens,
-            relevance,
+            group.relevance(),
             k,
-            tau=settings.tau,
-            gamma=settings.gamma,
-            theta=settings.theta,
-            gsp_ratio=settings.gsp_ratio,
+            tau=cfg.tau,
+            gamma=cfg.gamma,
+            theta=cfg.theta,
+            gsp_ratio=cfg.gsp_ratio,
         )
+        return selection, tokens
     if method == "qcsp":
-        return qcsp_select(tokens, relevance, k, theta=settings.theta)
+        tokens = group.tokens
+        return qcsp_select(tokens, group.relevance(), k, theta=cfg.theta), tokens
     if method == "gsp":
-        return gsp_select(tokens, k, tau=settings.tau, gamma=settings.gamma)
-    raise NotImplementedError(f"method {method!r} is not wired into the model side yet")
+        tokens = group.tokens
+        return gsp_select(tokens, k, tau=cfg.tau, gamma=cfg.gamma), tokens
+    if method == "divprune":
+        tokens = group.tokens
+        return divprune_select(tokens, k), tokens
+    if method == "uniform":
+        tokens = group.tokens
+        selection = uniform_select(n, k, group.items[0].grid, batch=len(group.items))
+        selection.keep = selection.keep.to(tokens.device)
+        return selection, tokens
+    if method == "trim":
+        features = group.features
+        image, text = group.trim_embeds()
+        negate = cfg.negate_relevance and cfg.relevance == "clip"
+        selection = trim_select(features, image.to(features.device), text, k, negate=negate)
+        return selection, features
+    if method == "prumerge+":
+        features = group.features
+        layer_keys = group.need("layer_keys")
+        cls_attention = cls_attention_from_qk(
+            group.need("cls_query"),
+            layer_keys,
+            num_heads=1,  # the authors' code: one full-width head
+            num_prefix=layer_keys.shape[1] - n,
+        )
+        selection = prumerge_plus_select(
+            features, layer_keys[:, -n:], cls_attention, k, group.items[0].grid
+        )
+        return selection, features
+    raise NotImplementedError(f"method {method!r} is not wired into the model side")
 
 
 def prune_items(
-    embeds: Sequence[torch.Tensor],
+    items: Sequence[ImageInput],
     settings: Sequence[ScriptSettings | None],
-    queries: Sequence[torch.Tensor],
-    embed_query: Callable[[torch.Tensor], torch.Tensor],
+    ctx: PruneContext,
 ) -> list[torch.Tensor]:
-    """n x [N_i, D], settings, query ids -> n x [K_i, D], K_i = kept_count(N_i, settings_i).
+    """n images, their settings -> n x [K_i, D] LLM-space rows, K_i = kept_count(N_i, .).
 
-    Kept rows stay in their original order. Items whose settings keep every token are
-    returned untouched (the same tensor object).
+    Kept rows stay in their original order, extra tokens (TRIM's aggregate, PruMerge+'s
+    remainder) follow them. Items whose settings keep every token get all their tokens
+    (the given `tokens` tensor itself when there is one).
     """
-    out: list[torch.Tensor] = list(embeds)
+    out: list[torch.Tensor | None] = [None] * len(items)
     groups: dict[tuple[int, ScriptSettings], list[int]] = {}
-    for i, (emb, cfg) in enumerate(zip(embeds, settings, strict=True)):
-        if cfg is not None and kept_count(emb.shape[0], cfg) < emb.shape[0]:
-            groups.setdefault((emb.shape[0], cfg), []).append(i)
+    plain: list[int] = []
+    for i, (item, cfg) in enumerate(zip(items, settings, strict=True)):
+        n = item.num_tokens
+        if cfg is not None and kept_count(n, cfg) < n:
+            groups.setdefault((n, cfg), []).append(i)
+        else:
+            plain.append(i)
+    for i in plain:
+        item = items[i]
+        if item.tokens is not None:
+            out[i] = item.tokens
+        elif ctx.project is not None:
+            out[i] = ctx.project(item.features)
+        else:
+            raise RuntimeError("an ImageInput without tokens needs PruneContext.project")
 
     for (n, cfg), idxs in groups.items():
         k = kept_count(n, cfg)
-        tokens = torch.stack([embeds[i] for i in idxs])
-        relevance = None
-        if cfg.needs_query:
-            relevance = llm_relevance(tokens, [embed_query(queries[i]) for i in idxs])
-        selection = select_tokens(tokens, k, cfg, relevance)
-        pruned = apply_selection(tokens, selection)
+        group = _Group([items[i] for i in idxs], cfg, ctx)
+        selection, source = _select(group, k)
+        pruned = apply_selection(source, selection)
+        if cfg.method in VISION_SPACE_METHODS:
+            pruned = _project(ctx, pruned)
         if pruned.shape[1] != k:
             raise RuntimeError(f"{cfg.method} returned {pruned.shape[1]} tokens, promised {k}")
         for row, i in enumerate(idxs):
             out[i] = pruned[row]
+        iqr = selection.info.get("iqr_count")
+        if iqr is not None:
+            logger.debug(
+                "%s: IQR rule would keep %s of %d tokens per image (budget %d)",
+                cfg.method,
+                iqr.tolist(),
+                n,
+                k,
+            )
         if os.environ.get(RECORD_ENV) == "1":
-            for row, i in enumerate(idxs):
-                _recent.append(
-                    {
-                        "method": cfg.method,
-                        "num_tokens": n,
-                        "kept": k,
-                        "keep": selection.keep[row].tolist(),
-                        "query": queries[i].tolist() if queries[i] is not None else [],
-                    }
-                )
+            _record(group, selection, k)
         logger.debug("pruned %d item(s) %d -> %d tokens with %s", len(idxs), n, k, cfg.method)
-    return out
+    return out  # type: ignore[return-value]
+
+
+def _project(ctx: PruneContext, features: torch.Tensor) -> torch.Tensor:
+    if ctx.project is None:
+        raise RuntimeError("vision-space methods need PruneContext.project (the projector)")
+    return ctx.project(features)
+
+
+def _record(group: _Group, selection: Selection, k: int) -> None:
+    extra = 0 if selection.extra is None else selection.extra.shape[1]
+    iqr = selection.info.get("iqr_count")
+    for row, item in enumerate(group.items):
+        _recent.append(
+            {
+                "method": group.cfg.method,
+                "relevance": group.cfg.relevance,
+                "num_tokens": item.num_tokens,
+                "kept": k,
+                "keep": selection.keep[row].tolist(),
+                "merged": selection.kept_values is not None,
+                "extra": extra,
+                "iqr_count": None if iqr is None else int(iqr[row]),
+                "query": item.query_ids.tolist() if item.query_ids is not None else [],
+                "query_text": item.query_text,
+            }
+        )

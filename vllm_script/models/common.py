@@ -4,9 +4,16 @@ Processor side (front-end process): resolve settings per request, put the resolv
 settings and the question's token ids into the processor kwargs (so they are part of
 the multimodal hash: processor cache, encoder cache and prefix cache never reuse a
 selection made for other settings or another question), emit `kept_count` placeholders,
-and pass both to the model as per-item fields.
+and pass both to the model as per-item fields. For `relevance="clip"` the question's ids
+are also decoded with the LLM's tokenizer into text (a third per-item field) for the
+CLIP tokenizer; the text is a deterministic function of the hashed ids.
 
-Model side (worker): pop those fields, run the in-tree encoder, prune per item.
+Model side (worker): pop those fields, run the in-tree encoder, prune per item. An
+architecture that can give pre-projector features (needed by `trim`, `prumerge+` and
+CLIP relevance) overrides `script_encode`; otherwise only the LLM-space methods work on
+what the in-tree `embed_multimodal` returns. With a server-wide `clip_path` the CLIP
+text tower is loaded once per worker at model init, and a missing checkpoint or one
+whose vision width differs from the model's vision tower stops the engine at start-up.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ from vllm_script.config import (
     parse_server_settings,
     resolve_request_settings,
 )
-from vllm_script.pruning import prune_items
+from vllm_script.pruning import ImageInput, PruneContext, prune_items
 
 logger = logging.getLogger("vllm_script")
 
@@ -32,6 +39,7 @@ SETTINGS_KEY = "script"  # in hf_overrides and in mm_processor_kwargs
 QUERY_KEY = "script_query"  # added by the processor: the question's token ids
 FIELD_SETTINGS = "script_settings"  # per-item field: resolved settings as JSON bytes
 FIELD_QUERY = "script_query_ids"  # per-item field: question token ids
+FIELD_QUERY_TEXT = "script_query_text"  # per-item field: question text (UTF-8), clip only
 MAX_QUERY_TOKENS = 1024  # the last ones are kept: the question usually ends the prompt
 
 
@@ -47,6 +55,14 @@ def decode_settings(field: torch.Tensor) -> ScriptSettings:
     return ScriptSettings.from_json(bytes(field.tolist()).decode())
 
 
+def encode_text(text: str) -> torch.Tensor:
+    return torch.tensor(list(text.encode()), dtype=torch.uint8)
+
+
+def decode_text(field: torch.Tensor) -> str:
+    return bytes(field.tolist()).decode()
+
+
 def settings_from_kwargs(hf_processor_mm_kwargs: Mapping[str, object]) -> ScriptSettings | None:
     """The resolved settings `apply()` stored in the kwargs (None: no pruning)."""
     raw = hf_processor_mm_kwargs.get(SETTINGS_KEY)
@@ -59,9 +75,30 @@ class ScriptProcessorMixin:
     #: modality whose items are pruned
     script_modality = "image"
 
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        # Check the server settings when the front-end builds the processor (before the
+        # engine core starts), so a bad setting or CLIP checkpoint stops start-up with
+        # its message in the front-end's traceback; the worker checks again on load.
+        settings = self.script_server_settings
+        if settings is not None and settings.clip_path is not None:
+            from vllm_script.clip_text import ClipCheckpointError, check_clip_checkpoint
+
+            try:
+                check_clip_checkpoint(settings.clip_path, self.script_clip_vision_width())
+            except (ClipCheckpointError, NotImplementedError) as exc:
+                raise ClipCheckpointError(
+                    f"vllm-script refuses to start: 'script.clip_path' = "
+                    f"{settings.clip_path!r}: {exc}"
+                ) from exc
+
     @cached_property
     def script_server_settings(self) -> ScriptSettings | None:
         return server_settings_of(self.info.get_hf_config())
+
+    def script_clip_vision_width(self) -> int:
+        """Width of the features CLIP relevance projects (or raise NotImplementedError)."""
+        raise NotImplementedError("this architecture does not support relevance='clip'")
 
     @cached_property
     def _script_dropped_ids(self) -> frozenset[int]:
@@ -112,9 +149,17 @@ class ScriptProcessorMixin:
             return outputs
         settings = ScriptSettings.from_json(str(raw_settings))
         num_items = self.script_num_items(outputs)
+        text = self.script_query_text(query) if settings.relevance == "clip" else ""
         outputs[FIELD_SETTINGS] = [encode_settings(settings) for _ in range(num_items)]
         outputs[FIELD_QUERY] = [torch.tensor(query, dtype=torch.long) for _ in range(num_items)]
+        outputs[FIELD_QUERY_TEXT] = [encode_text(text) for _ in range(num_items)]
         return outputs
+
+    def script_query_text(self, query: Sequence[int]) -> str:
+        """The question's ids -> text for the CLIP tokenizer (the LLM tokenizer's decode)."""
+        if not query:
+            return ""
+        return self.info.get_tokenizer().decode(list(query), skip_special_tokens=True).strip()
 
     def script_num_items(self, hf_outputs) -> int:
         """Number of items of `script_modality` in the HF processor's outputs."""
@@ -126,6 +171,7 @@ class ScriptProcessorMixin:
         return {
             FIELD_SETTINGS: MultiModalFieldConfig.batched(self.script_modality),
             FIELD_QUERY: MultiModalFieldConfig.batched(self.script_modality),
+            FIELD_QUERY_TEXT: MultiModalFieldConfig.batched(self.script_modality),
         }
 
 
@@ -136,33 +182,104 @@ def _unbatch(field: object) -> list[torch.Tensor]:
 
 
 class ScriptModelMixin:
-    """Mix in before the in-tree model class; prunes what `embed_multimodal` returns."""
+    """Mix in before the in-tree model class; prunes what `embed_multimodal` returns.
 
-    def script_init(self, hf_config: object) -> None:
+    Subclasses call `script_init(vllm_config)` at the end of `__init__`, and may
+    override `script_encode` (pre-projector features) and `script_clip_vision_width`
+    (CLIP relevance support).
+    """
+
+    script_clip = None  # ClipRelevance when the server set clip_path
+
+    def script_init(self, vllm_config: object) -> None:
+        hf_config = vllm_config.model_config.hf_config
         try:
             self.script_server_settings = server_settings_of(hf_config)
         except SettingsError as exc:
             raise SettingsError(f"vllm-script refuses to start: {exc}") from exc
         if self.script_server_settings is None:
             logger.info("vllm-script: loaded; no server-wide 'script' setting (pruning off)")
-        else:
-            logger.info(
-                "vllm-script: server-wide pruning settings %s",
-                self.script_server_settings.to_json(),
+            return
+        logger.info(
+            "vllm-script: server-wide pruning settings %s", self.script_server_settings.to_json()
+        )
+        if self.script_server_settings.clip_path is not None:
+            self.script_clip = self._script_load_clip(
+                self.script_server_settings.clip_path, vllm_config.device_config.device
             )
+
+    def _script_load_clip(self, path: str, device: object):
+        """Load and check the CLIP checkpoint (text tower + projections) once per worker.
+
+        Kept in fp32 (it embeds one short question per request and N patches per image).
+        Any problem raises `ClipCheckpointError` naming the path (and both widths on a
+        width mismatch), so the engine refuses to start.
+        """
+        from vllm_script.clip_text import ClipCheckpointError, load_clip_relevance
+
+        try:
+            width = self.script_clip_vision_width()
+            with torch.device("cpu"):
+                clip = load_clip_relevance(path, width, device="cpu", dtype=torch.float32)
+        except (ClipCheckpointError, NotImplementedError) as exc:
+            raise ClipCheckpointError(
+                f"vllm-script refuses to start: 'script.clip_path' = {path!r}: {exc}"
+            ) from exc
+        for module in (clip.text_model, clip.text_projection, clip.visual_projection):
+            module.to(device)
+        clip.post_layernorm.to(device)
+        logger.info(
+            "vllm-script: CLIP relevance loaded from %s (vision width %d, embed dim %d)",
+            path,
+            clip.vision_width,
+            clip.embed_dim,
+        )
+        return clip
+
+    def script_clip_vision_width(self) -> int:
+        """Width of the pre-projector features CLIP relevance projects (or raise)."""
+        raise NotImplementedError(
+            f"{type(self).__name__} does not support relevance='clip' (no CLIP features)"
+        )
+
+    def script_encode(self, kwargs: dict, settings: list) -> list[ImageInput] | None:
+        """The in-tree inputs -> one `ImageInput` per item, or None (LLM-space tokens only).
+
+        `settings` (per item, None = unpruned) tells what the methods in this batch need.
+        """
+        return None
+
+    def script_project(self, features: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
 
     def embed_multimodal(self, **kwargs: object):
         settings_field = kwargs.pop(FIELD_SETTINGS, None)
         query_field = kwargs.pop(FIELD_QUERY, None)
-        embeds = super().embed_multimodal(**kwargs)
+        text_field = kwargs.pop(FIELD_QUERY_TEXT, None)
         if settings_field is None:
-            return embeds
-        items = list(embeds.unbind(0)) if isinstance(embeds, torch.Tensor) else list(embeds)
+            return super().embed_multimodal(**kwargs)
         settings = [decode_settings(f) for f in _unbatch(settings_field)]
-        queries = _unbatch(query_field) if query_field is not None else [None] * len(items)
+        num = len(settings)
+        queries = _unbatch(query_field) if query_field is not None else [None] * num
+        texts = [decode_text(f) for f in _unbatch(text_field)] if text_field is not None else []
+        texts += [""] * (num - len(texts))
+        items = self.script_encode(kwargs, settings)
+        project = self.script_project
+        if items is None:
+            embeds = super().embed_multimodal(**kwargs)
+            embeds = list(embeds.unbind(0)) if isinstance(embeds, torch.Tensor) else list(embeds)
+            items = [ImageInput(tokens=e) for e in embeds]
+            project = None
+        if len(items) != num:
+            raise RuntimeError(f"vllm-script: {len(items)} images but {num} settings fields")
+        for item, query, text in zip(items, queries, texts, strict=True):
+            item.query_ids = query
+            item.query_text = text
         embed_tokens = self.get_language_model().embed_input_ids
+        device = next(self.parameters()).device
 
         def embed_query(ids: torch.Tensor) -> torch.Tensor:
-            return embed_tokens(ids.to(items[0].device, torch.long))
+            return embed_tokens(ids.to(device, torch.long))
 
-        return prune_items(items, settings, queries, embed_query)
+        ctx = PruneContext(embed_query=embed_query, project=project, clip=self.script_clip)
+        return prune_items(items, settings, ctx)
