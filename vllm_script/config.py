@@ -46,7 +46,9 @@ class ScriptSettings:
     gsp_ratio: float = 0.5  # script: GSP may remove up to this share of the src tokens
     negate_relevance: bool = False  # the CLIP authors' sign flip (clip relevance only)
     max_budget: int | None = None  # server only: largest per-request budget (profiled)
-    clip_path: str | None = None  # server only: CLIP checkpoint for relevance="clip"
+    # server only: a local Hugging Face CLIP checkpoint (text tower + projections), checked
+    # and loaded at start-up whenever set; requests may then ask for relevance="clip"
+    clip_path: str | None = None
 
     @property
     def active(self) -> bool:
@@ -190,7 +192,10 @@ def kept_count(num_tokens: int, settings: ScriptSettings | None) -> int:
     """Tokens an image of `num_tokens` visual tokens keeps under `settings`.
 
     The processor emits this many placeholders and the model returns this many rows.
-    A budget >= num_tokens (or no settings) keeps every token.
+    A budget >= num_tokens (or no settings) keeps every token. Every method fills the
+    budget exactly: `trim` and `prumerge+` spend one of the K rows on their extra token
+    (K - 1 selected or merged tokens + 1 aggregate of the rest); the other methods keep
+    K of the image's tokens.
     """
     if settings is None or not settings.active:
         return num_tokens
