@@ -313,17 +313,21 @@ def _blocks(max_n: int, d: int, device: torch.device) -> tuple[int, int, int, in
     if _interpreting() or device.type != "cuda":
         blk_n = min(1024, triton.next_power_of_2(max(max_n, 16)))
         blk_d = min(256, triton.next_power_of_2(max(d, 16)))
-        return blk_n, 64, blk_d, min(64, blk_n), min(32, blk_d)
+        return blk_n, 256, blk_d, min(128, blk_n), 16
     return 128, 32, 128, 64, 32
 
 
-def use_gram(lengths: list[int], device: torch.device) -> bool:
+def use_gram(lengths: list[int], ks: list[int], device: torch.device) -> bool:
     """Materialise the Gram matrices (one GEMM, N^2 fp32 each) or form rows on the fly.
 
-    On a GPU the GEMM costs N^2*D FLOPs on tensor cores (~0.1 ms at N = 2880, D = 4096)
-    against K*N*D re-read from memory one row per step (memory-bound, ~5 ms): materialise
-    while the matrices fit in `MATERIALIZE_MAX_BYTES` (N = 16k video: 1 GiB, so no).
+    GPU: the GEMM costs N^2*D FLOPs on tensor cores (~0.1 ms at N = 2880, D = 4096 in
+    bf16) against K*N*D re-read from memory one row per step (memory-bound, ~3 ms there):
+    materialise while the matrices fit in `MATERIALIZE_MAX_BYTES` (N = 16k video: 1 GiB,
+    so no). Interpreter (CPU): both are numpy without BLAS (see `dot_mode`), so count
+    FLOPs: rows (K*N*D) unless K > N/4 (the Gram's N^2*D, in bigger tiles, is then cheaper).
     """
+    if device.type != "cuda" or _interpreting():
+        return 4 * max(ks, default=0) > max(lengths, default=0)
     return sum(n * n for n in lengths) * 4 <= MATERIALIZE_MAX_BYTES
 
 
@@ -381,7 +385,7 @@ def dpp_greedy_map_varlen(
         HAS_Q=rel is not None, HAS_CAND=cand is not None, BLOCK_N=block_n, BLOCK_D=block_d,
     )  # fmt: skip
 
-    gram = use_gram(lengths, device) if materialize is None else bool(materialize)
+    gram = use_gram(lengths, k, device) if materialize is None else bool(materialize)
     if gram:
         s_sizes = [n_b * n_b for n_b in lengths]
         soff = torch.tensor([0] + s_sizes[:-1], device=device).cumsum(0)
