@@ -13,3 +13,17 @@ def tiny_llava(tmp_path_factory) -> Path:
     from vllm_script.testing import write_tiny_llava
 
     return write_tiny_llava(tmp_path_factory.mktemp("ckpt") / "tiny-llava")
+
+
+@pytest.fixture(scope="session")
+def tiny_llava_next(tmp_path_factory) -> Path:
+    from vllm_script.testing import write_tiny_llava_next
+
+    return write_tiny_llava_next(tmp_path_factory.mktemp("ckpt") / "tiny-llava-next")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen(tmp_path_factory) -> Path:
+    from vllm_script.testing import write_tiny_qwen2_5_vl
+
+    return write_tiny_qwen2_5_vl(tmp_path_factory.mktemp("ckpt") / "tiny-qwen2.5-vl")

@@ -1,8 +1,10 @@
 """Shared by the end-to-end tests: one request format, one way to run it.
 
-A request is a dict: {"question": str, "images": [seed, ...], "mm_processor_kwargs":
-{...} (optional), "max_tokens": int (optional)}. A result is {"prompt_len": int,
-"tokens": [int, ...], "cached": prefix-cache hit tokens} or {"error": str}.
+A request is a dict: {"question": str, "images": [seed or [seed, width, height], ...],
+"videos": [seed or [seed, frames], ...] (optional), "template": "llava" | "qwen"
+(optional, default llava), "mm_processor_kwargs": {...} (optional), "max_tokens": int
+(optional)}. A result is {"prompt_len": int, "tokens": [int, ...], "cached":
+prefix-cache hit tokens} or {"error": str}.
 """
 
 from __future__ import annotations
@@ -19,14 +21,32 @@ ENGINE_KWARGS = dict(
 RUNNER = Path(__file__).with_name("engine_runner.py")
 
 
-def make_prompt(request: dict) -> dict:
-    from vllm_script.testing import random_image
+# template -> (prompt with {media} and {question}, image tag, video tag)
+TEMPLATES = {
+    "llava": ("USER: {media}{question} ASSISTANT:", "<image>\n", None),
+    "qwen": (
+        "<|im_start|>user {media}{question}<|im_end|> <|im_start|>assistant ",
+        "<|vision_start|><|image_pad|><|vision_end|>",
+        "<|vision_start|><|video_pad|><|vision_end|>",
+    ),
+}
 
-    tags = "<image>\n" * len(request["images"])
-    prompt = {"prompt": f"USER: {tags}{request['question']} ASSISTANT:"}
-    if request["images"]:
-        images = [random_image(seed) for seed in request["images"]]
-        prompt["multi_modal_data"] = {"image": images if len(images) > 1 else images[0]}
+
+def make_prompt(request: dict) -> dict:
+    from vllm_script.testing import random_image, random_video
+
+    template, image_tag, video_tag = TEMPLATES[request.get("template", "llava")]
+    images = [random_image(*(s if isinstance(s, list) else [s])) for s in request["images"]]
+    videos = [random_video(*(s if isinstance(s, list) else [s])) for s in request.get("videos", [])]
+    media = image_tag * len(images) + (video_tag or "") * len(videos)
+    prompt = {"prompt": template.format(media=media, question=request["question"])}
+    data = {}
+    if images:
+        data["image"] = images if len(images) > 1 else images[0]
+    if videos:
+        data["video"] = videos if len(videos) > 1 else videos[0]
+    if data:
+        prompt["multi_modal_data"] = data
     if "mm_processor_kwargs" in request:
         prompt["mm_processor_kwargs"] = request["mm_processor_kwargs"]
     return prompt

@@ -20,6 +20,12 @@ ALLOW_UNSUPPORTED_ENV = "VLLM_SCRIPT_ALLOW_UNSUPPORTED_VLLM"
 # in-tree architecture name -> our subclass
 ARCHITECTURES = {
     "LlavaForConditionalGeneration": "vllm_script.models.llava:ScriptLlavaForConditionalGeneration",
+    "LlavaNextForConditionalGeneration": (
+        "vllm_script.models.llava_next:ScriptLlavaNextForConditionalGeneration"
+    ),
+    "Qwen2_5_VLForConditionalGeneration": (
+        "vllm_script.models.qwen2_5_vl:ScriptQwen2_5_VLForConditionalGeneration"
+    ),
 }
 
 _registered = False

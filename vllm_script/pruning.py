@@ -61,6 +61,11 @@ LLM_SPACE_METHODS = ("script", "gsp", "qcsp", "divprune", "uniform")
 VISION_SPACE_METHODS = ("trim", "prumerge+")
 
 
+def record(entry: dict) -> None:
+    """Add one entry to this process's recorder (see RECORD_ENV)."""
+    _recent.append(entry)
+
+
 def recent_selections(_worker: object = None) -> list[dict]:
     """The selections this process recorded (oldest first); usable as a collective_rpc."""
     return list(_recent)
@@ -253,14 +258,20 @@ def prune_items(
     items: Sequence[ImageInput],
     settings: Sequence[ScriptSettings | None],
     ctx: PruneContext,
+    *,
+    kept_indices: list | None = None,
 ) -> list[torch.Tensor]:
     """n images, their settings -> n x [K_i, D] LLM-space rows, K_i = kept_count(N_i, .).
 
     Kept rows stay in their original order, extra tokens (TRIM's aggregate, PruMerge+'s
     remainder) follow them. Items whose settings keep every token get all their tokens
-    (the given `tokens` tensor itself when there is one).
+    (the given `tokens` tensor itself when there is one). If `kept_indices` is a list, it
+    receives each item's kept token indices (LongTensor [K_keep], ascending; None for an
+    unpruned item), e.g. to give kept tokens their original positions.
     """
     out: list[torch.Tensor | None] = [None] * len(items)
+    if kept_indices is not None:
+        kept_indices[:] = [None] * len(items)
     groups: dict[tuple[int, ScriptSettings], list[int]] = {}
     plain: list[int] = []
     for i, (item, cfg) in enumerate(zip(items, settings, strict=True)):
@@ -289,6 +300,9 @@ def prune_items(
             raise RuntimeError(f"{cfg.method} returned {pruned.shape[1]} tokens, promised {k}")
         for row, i in enumerate(idxs):
             out[i] = pruned[row]
+        if kept_indices is not None:
+            for row, i in enumerate(idxs):
+                kept_indices[i] = selection.keep[row]
         iqr = selection.info.get("iqr_count")
         if iqr is not None:
             logger.debug(

@@ -26,12 +26,13 @@ from functools import cached_property
 import torch
 
 from vllm_script.config import (
+    METHODS,
     ScriptSettings,
     SettingsError,
     parse_server_settings,
     resolve_request_settings,
 )
-from vllm_script.pruning import ImageInput, PruneContext, prune_items
+from vllm_script.pruning import VISION_SPACE_METHODS, ImageInput, PruneContext, prune_items
 
 logger = logging.getLogger("vllm_script")
 
@@ -63,6 +64,11 @@ def decode_text(field: torch.Tensor) -> str:
     return bytes(field.tolist()).decode()
 
 
+def field_name(base: str, modality: str) -> str:
+    """Per-item field names: images use the base names, other modalities a suffix."""
+    return base if modality == "image" else f"{base}_{modality}"
+
+
 def settings_from_kwargs(hf_processor_mm_kwargs: Mapping[str, object]) -> ScriptSettings | None:
     """The resolved settings `apply()` stored in the kwargs (None: no pruning)."""
     raw = hf_processor_mm_kwargs.get(SETTINGS_KEY)
@@ -72,11 +78,14 @@ def settings_from_kwargs(hf_processor_mm_kwargs: Mapping[str, object]) -> Script
 class ScriptProcessorMixin:
     """Mix in before the in-tree `BaseMultiModalProcessor` subclass."""
 
-    #: modality whose items are pruned
-    script_modality = "image"
+    #: modalities whose items are pruned
+    script_modalities: tuple[str, ...] = ("image",)
+    #: whether the model side gives pre-projector features (trim, prumerge+, clip)
+    script_vision_space = False
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        self.script_check_supported(self.script_server_settings, "server setting (hf_overrides)")
         # Check the server settings when the front-end builds the processor (before the
         # engine core starts), so a bad setting or CLIP checkpoint stops start-up with
         # its message in the front-end's traceback; the worker checks again on load.
@@ -117,11 +126,29 @@ class ScriptProcessorMixin:
         ids = tuple(int(t) for t in prompt if int(t) not in dropped)
         return ids[-MAX_QUERY_TOKENS:]
 
+    def script_check_supported(self, settings: ScriptSettings | None, where: str) -> None:
+        """Refuse settings this architecture's model side cannot carry out."""
+        if settings is None or self.script_vision_space:
+            return
+        arch = type(self).__name__.removeprefix("Script").removesuffix("Processor")
+        if settings.method in VISION_SPACE_METHODS:
+            raise SettingsError(
+                f"{where}: invalid value for 'script.method': {settings.method!r}; "
+                f"{arch} supports {sorted(m for m in METHODS if m not in VISION_SPACE_METHODS)}"
+                " (trim and prumerge+ need LLaVA-1.5's pre-projector features)"
+            )
+        if settings.relevance == "clip":
+            raise SettingsError(
+                f"{where}: invalid value for 'script.relevance': 'clip'; {arch} supports 'llm'"
+            )
+
     def apply(self, inputs, timing_ctx):
         kwargs = dict(inputs.hf_processor_mm_kwargs)
         request_raw = kwargs.pop(SETTINGS_KEY, None)
         kwargs.pop(QUERY_KEY, None)
         settings = resolve_request_settings(self.script_server_settings, request_raw)
+        if request_raw is not None:
+            self.script_check_supported(settings, "request setting (mm_processor_kwargs)")
         if settings is not None:
             kwargs[SETTINGS_KEY] = settings.to_json()
             if settings.needs_query:
@@ -148,11 +175,20 @@ class ScriptProcessorMixin:
         if raw_settings is None:
             return outputs
         settings = ScriptSettings.from_json(str(raw_settings))
-        num_items = self.script_num_items(outputs)
         text = self.script_query_text(query) if settings.relevance == "clip" else ""
-        outputs[FIELD_SETTINGS] = [encode_settings(settings) for _ in range(num_items)]
-        outputs[FIELD_QUERY] = [torch.tensor(query, dtype=torch.long) for _ in range(num_items)]
-        outputs[FIELD_QUERY_TEXT] = [encode_text(text) for _ in range(num_items)]
+        for modality in self.script_modalities:
+            num_items = self.script_num_items(outputs, modality)
+            if not num_items:
+                continue
+            outputs[field_name(FIELD_SETTINGS, modality)] = [
+                encode_settings(settings) for _ in range(num_items)
+            ]
+            outputs[field_name(FIELD_QUERY, modality)] = [
+                torch.tensor(query, dtype=torch.long) for _ in range(num_items)
+            ]
+            outputs[field_name(FIELD_QUERY_TEXT, modality)] = [
+                encode_text(text) for _ in range(num_items)
+            ]
         return outputs
 
     def script_query_text(self, query: Sequence[int]) -> str:
@@ -161,17 +197,17 @@ class ScriptProcessorMixin:
             return ""
         return self.info.get_tokenizer().decode(list(query), skip_special_tokens=True).strip()
 
-    def script_num_items(self, hf_outputs) -> int:
-        """Number of items of `script_modality` in the HF processor's outputs."""
+    def script_num_items(self, hf_outputs, modality: str) -> int:
+        """Number of items of `modality` in the HF processor's outputs."""
         raise NotImplementedError
 
     def script_fields_config(self):
         from vllm.multimodal.inputs import MultiModalFieldConfig
 
         return {
-            FIELD_SETTINGS: MultiModalFieldConfig.batched(self.script_modality),
-            FIELD_QUERY: MultiModalFieldConfig.batched(self.script_modality),
-            FIELD_QUERY_TEXT: MultiModalFieldConfig.batched(self.script_modality),
+            field_name(base, modality): MultiModalFieldConfig.batched(modality)
+            for modality in self.script_modalities
+            for base in (FIELD_SETTINGS, FIELD_QUERY, FIELD_QUERY_TEXT)
         }
 
 
@@ -252,10 +288,23 @@ class ScriptModelMixin:
     def script_project(self, features: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    #: modalities the processor attaches fields to (see ScriptProcessorMixin)
+    script_modalities: tuple[str, ...] = ("image",)
+
+    def script_pop_fields(self, kwargs: dict) -> tuple[object, object, object]:
+        """Pop every modality's fields; vLLM batches one modality per call."""
+        found = (None, None, None)
+        for modality in self.script_modalities:
+            fields = tuple(
+                kwargs.pop(field_name(base, modality), None)
+                for base in (FIELD_SETTINGS, FIELD_QUERY, FIELD_QUERY_TEXT)
+            )
+            if fields[0] is not None:
+                found = fields
+        return found
+
     def embed_multimodal(self, **kwargs: object):
-        settings_field = kwargs.pop(FIELD_SETTINGS, None)
-        query_field = kwargs.pop(FIELD_QUERY, None)
-        text_field = kwargs.pop(FIELD_QUERY_TEXT, None)
+        settings_field, query_field, text_field = self.script_pop_fields(kwargs)
         if settings_field is None:
             return super().embed_multimodal(**kwargs)
         settings = [decode_settings(f) for f in _unbatch(settings_field)]
@@ -282,4 +331,11 @@ class ScriptModelMixin:
             return embed_tokens(ids.to(device, torch.long))
 
         ctx = PruneContext(embed_query=embed_query, project=project, clip=self.script_clip)
-        return prune_items(items, settings, ctx)
+        kept: list = []
+        rows = prune_items(items, settings, ctx, kept_indices=kept)
+        return self.script_finish(rows, kept, kwargs)
+
+    def script_finish(self, rows: list[torch.Tensor], kept: list, kwargs: dict):
+        """Last step of `embed_multimodal`: rows per item, their kept indices (None if
+        unpruned) and the in-tree inputs. M-RoPE models attach original positions here."""
+        return rows

@@ -64,15 +64,15 @@ def clip_vision_width(hf_config) -> int:
     return vision.hidden_size
 
 
-class ScriptLlavaProcessor(ScriptProcessorMixin, LlavaMultiModalProcessor):
-    def script_clip_vision_width(self) -> int:
-        return clip_vision_width(self.info.get_hf_config())
+class LlavaFamilyProcessorMixin:
+    """Placeholders, per-item fields and the count rule for LLaVA-style processors
+    (one `<image>` token repeated per visual token; also LLaVA-NeXT's)."""
 
     def script_placeholder_ids(self):
         return [self.info.get_hf_config().image_token_index]
 
-    def script_num_items(self, hf_outputs) -> int:
-        return len(hf_outputs["pixel_values"])
+    def script_num_items(self, hf_outputs, modality: str) -> int:
+        return len(hf_outputs["pixel_values"]) if modality == "image" else 0
 
     def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs):
         fields = dict(super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs))
@@ -97,6 +97,15 @@ class ScriptLlavaProcessor(ScriptProcessorMixin, LlavaMultiModalProcessor):
                 modality="image", target=[image_token_id], replacement=get_replacement
             )
         ]
+
+
+class ScriptLlavaProcessor(
+    LlavaFamilyProcessorMixin, ScriptProcessorMixin, LlavaMultiModalProcessor
+):
+    script_vision_space = True
+
+    def script_clip_vision_width(self) -> int:
+        return clip_vision_width(self.info.get_hf_config())
 
 
 def _build_processor(info, dummy_inputs):
