@@ -76,7 +76,9 @@ def dpp_greedy_map(
     `features`: any float dtype; similarity is the cosine of rows, computed in fp32.
     `relevance`: non-negative quality per token (None: all ones); kernel
     `L = diag(relevance) S diag(relevance)`. `candidates`: bool mask of eligible tokens
-    (None: all). Returns indices in greedy selection order; ties go to the lowest index.
+    (None: all). Returns indices in greedy selection order; ties go to the lowest index,
+    where gains within `reference.dpp.TIE_RTOL * max L_ii` (1e-6, fp32 rounding noise) count
+    as ties, so exact duplicate tokens tie on every backend whatever its summation order.
     When no eligible token has a positive gain left (duplicates, rank deficiency,
     D < k), the remaining picks are the eligible unselected tokens by descending
     relevance, ties to the lowest index: always k distinct eligible indices, never NaN.

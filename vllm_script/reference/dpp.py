@@ -272,10 +272,10 @@ def dpp_greedy_map(
     Kernel `L = diag(q) S diag(q)` with `S` the cosine similarity of the rows of
     `features` (fp32 accumulation) and `q = relevance` (all ones if None). Each step
     picks the eligible, unselected token with the largest gain `d_i^2 =
-    det(L_{Y+i}) / det(L_Y)`, ties to the lowest index. Fill rule: once no eligible token
-    has a gain above `GAIN_EPS * max L_ii` (duplicates, rank deficiency, D < k), the
-    remaining picks are the eligible unselected tokens by descending relevance, ties to
-    the lowest index; no NaN can appear.
+    det(L_{Y+i}) / det(L_Y)`, ties (within `TIE_RTOL * max L_ii`) to the lowest index.
+    Fill rule: once no eligible token has a gain above `GAIN_EPS * max L_ii` (duplicates,
+    rank deficiency, D < k), the remaining picks are the eligible unselected tokens by
+    descending relevance, ties to the lowest index; no NaN can appear.
 
     Inputs are assumed validated (see `vllm_script.ops.dpp_greedy_map`).
     """
