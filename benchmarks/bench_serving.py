@@ -12,8 +12,8 @@ no request hits the prefix, encoder or processor cache.
 Model: a random-weight LLaVA-1.5-shaped checkpoint written offline by
 `vllm_script.testing.write_tiny_llava` (`--model` takes any LLaVA-1.5 checkpoint
 instead): a 336-px image is 576 visual tokens; the decoder is 8 layers of width 1024
-(head size 128), the CLIP tower 6 layers of width 256, so the vision tower + projector
-cost roughly what a ViT-L costs next to a 7B LLM (a few % of the parameters).
+(head size 128), the CLIP tower 4 layers of width 256, so the vision tower + projector
+cost about what a ViT-L costs next to a 7B LLM (~4 % of the unpruned prefill's FLOPs).
 
 Phases, all in the one engine, requests built the same way:
 
@@ -82,7 +82,7 @@ MODEL = {
     "head_dim": 128,
     "init_std": 0.02,
     "vision_hidden": 256,
-    "vision_layers": 6,
+    "vision_layers": 4,
 }
 QUESTIONS = [
     "what is in the image?",
@@ -469,7 +469,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.budgets = QUICK_BUDGETS if args.quick else BUDGETS
     else:
         args.budgets = [int(b) for b in args.budgets.split(",") if b.strip()]
-    defaults = (3, 2, 4) if args.quick else (12, 8, 32)
+    defaults = (3, 2, 4) if args.quick else (20, 8, 40)
     if args.requests is None:
         args.requests = defaults[0]
     if args.concurrency is None:
