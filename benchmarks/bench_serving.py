@@ -123,6 +123,7 @@ CSV_COLUMNS = [
     "prune_pct_ttft",
     "prune_pct_ttft_off",
     "machine_desc",
+    "model",
 ]
 
 
@@ -189,6 +190,7 @@ def build_rows(
     output_tokens: int,
     machine: str,
     machine_desc: str,
+    model: str = "",
 ) -> list[dict]:
     """One CSV row per setting; `settings[0]` must be the unpruned one ("none", N).
 
@@ -245,6 +247,7 @@ def build_rows(
                 "prune_pct_ttft": round(100 * prune / ttft, 2),
                 "prune_pct_ttft_off": round(100 * prune / ttft_off, 2),
                 "machine_desc": machine_desc,
+                "model": model,
             }
         )
     return rows
@@ -497,7 +500,11 @@ def main(argv: list[str] | None = None) -> Path:
     out_csv = Path(args.out) if args.out else RESULTS_DIR / f"serving_{machine}.csv"
     if args.model:
         model_dir = Path(args.model)
+        model_label = args.model
     else:
+        model_label = "built-in random LLaVA-1.5 geometry: " + ", ".join(
+            f"{k} {v}" for k, v in MODEL.items()
+        )
         default_dir = Path(tempfile.gettempdir()) / "vllm-script-bench-llava"
         model_dir = write_tiny_llava(Path(args.model_dir or default_dir), **MODEL)
     cache_bytes = int(args.kv_cache_gib * 2**30)
@@ -615,6 +622,7 @@ def main(argv: list[str] | None = None) -> Path:
         output_tokens=args.output_tokens,
         machine=machine,
         machine_desc=machine_desc,
+        model=model_label,
     )
     rows[0]["budget"] = num_image_tokens  # the unpruned row keeps every token
     write_csv(rows, out_csv)

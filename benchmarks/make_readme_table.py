@@ -68,6 +68,7 @@ def render_table(rows: list[dict]) -> str:
     first = rows[0]
     lines = [
         f"Machine: {first.get('machine_desc') or first.get('machine', '?')}. "
+        f"Model: {first.get('model') or '?'}. "
         f"TTFT: median / p90 of {first.get('n_ttft', '?')} requests per row, one at a time; "
         f"req/s: {first.get('n_throughput', '?')} requests per row at concurrency "
         f"{first.get('concurrency', '?')}, {first.get('output_tokens', '?')} output tokens "

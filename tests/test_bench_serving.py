@@ -72,6 +72,7 @@ def _rows(first_unpruned: bool = True):
         output_tokens=16,
         machine="cpu-2c",
         machine_desc="test machine",
+        model="tiny test model",
     )
 
 
@@ -104,7 +105,7 @@ def test_readme_table_from_csv(tmp_path):
         assert next(csv.reader(f)) == bench.CSV_COLUMNS
     md = table.render_table(table.read_rows(path))
     lines = md.splitlines()
-    assert "test machine" in lines[0]
+    assert "test machine" in lines[0] and "tiny test model" in lines[0]
     header = [c.strip() for c in lines[2].strip("|").split("|")]
     assert header == [h for _, h, _ in table.TABLE]
     body = [[c.strip() for c in line.strip("|").split("|")] for line in lines[4:]]
