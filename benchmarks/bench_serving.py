@@ -1,7 +1,7 @@
 """Serving benchmark: no pruning vs budgets per method, side by side in one vLLM engine.
 
-    .venv/bin/python benchmarks/bench_serving.py            # full run (~10 min, 2 cores)
-    .venv/bin/python benchmarks/bench_serving.py --quick    # smoke check (~2 min)
+    .venv/bin/python benchmarks/bench_serving.py            # full run (~4-5 min on 2 cores)
+    .venv/bin/python benchmarks/bench_serving.py --quick    # smoke check (~1-2 min)
     .venv/bin/python benchmarks/make_readme_table.py        # CSV -> README table
 
 One engine serves every setting: the server-wide `script` setting only enables the
