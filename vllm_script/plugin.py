@@ -62,11 +62,24 @@ def check_vllm_version(version: str) -> None:
     raise RuntimeError(message)
 
 
+def _attach_logging() -> None:
+    """Log through vLLM's handlers: vLLM configures only loggers under `vllm`, so the
+    start-up line stating the active settings would otherwise be dropped."""
+    ours, theirs = logging.getLogger("vllm_script"), logging.getLogger("vllm")
+    if ours.handlers or not theirs.handlers:
+        return
+    for handler in theirs.handlers:
+        ours.addHandler(handler)
+    ours.setLevel(theirs.level)
+    ours.propagate = False
+
+
 def register() -> None:
     """Register the pruning model classes with vLLM (idempotent)."""
     global _registered
     if _registered:
         return
+    _attach_logging()
     check_vllm_version(installed_vllm_version())
 
     from vllm import ModelRegistry

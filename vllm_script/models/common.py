@@ -29,9 +29,11 @@ from vllm_script.config import (
     METHODS,
     ScriptSettings,
     SettingsError,
+    kept_count,
     parse_server_settings,
     resolve_request_settings,
 )
+from vllm_script.metrics import record_image
 from vllm_script.pruning import VISION_SPACE_METHODS, ImageInput, PruneContext, prune_items
 
 logger = logging.getLogger("vllm_script")
@@ -154,7 +156,27 @@ class ScriptProcessorMixin:
             if settings.needs_query:
                 kwargs[QUERY_KEY] = list(self.script_query_ids(inputs.prompt))
         inputs = replace(inputs, hf_processor_mm_kwargs=kwargs)
-        return super().apply(inputs, timing_ctx)
+        out = super().apply(inputs, timing_ctx)
+        # counted here, not where placeholders are made: cache hits skip that step
+        self.script_record_metrics(inputs, settings)
+        return out
+
+    def script_record_metrics(self, inputs, settings: ScriptSettings | None) -> None:
+        """Count every item of the pruned modalities in the Prometheus counters."""
+        method = settings.method if settings is not None else "none"
+        try:
+            for modality in self.script_modalities:
+                items = inputs.mm_data_items.get(modality)
+                for i in range(len(items) if items is not None else 0):
+                    n = self.script_num_tokens(inputs.mm_data_items, modality, i)
+                    if n is not None:
+                        record_image(method, n, kept_count(n, settings))
+        except Exception:  # metrics never fail a request
+            logger.warning("vllm-script: could not count visual tokens", exc_info=True)
+
+    def script_num_tokens(self, mm_items, modality: str, item_idx: int) -> int | None:
+        """Unpruned visual-token count of one item (None: not counted)."""
+        return None
 
     def get_dummy_inputs(self, seq_len, mm_counts, mm_options):
         # Profile at the largest per-request budget allowed (default: no pruning), not at

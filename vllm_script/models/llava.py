@@ -74,6 +74,13 @@ class LlavaFamilyProcessorMixin:
     def script_num_items(self, hf_outputs, modality: str) -> int:
         return len(hf_outputs["pixel_values"]) if modality == "image" else 0
 
+    def script_num_tokens(self, mm_items, modality: str, item_idx: int) -> int | None:
+        images = mm_items.get("image")
+        if modality != "image" or not isinstance(images, ImageProcessorItems):
+            return None
+        size = images.get_image_size(item_idx)
+        return self.info.get_num_image_tokens(image_width=size.width, image_height=size.height)
+
     def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs):
         fields = dict(super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs))
         fields.update(self.script_fields_config())

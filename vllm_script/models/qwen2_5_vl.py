@@ -93,6 +93,28 @@ class ScriptQwen2_5_VLProcessor(ScriptProcessorMixin, Qwen2_5_VLMultiModalProces
         fields.update(self.script_fields_config())
         return fields
 
+    def script_num_tokens(self, mm_items, modality: str, item_idx: int) -> int | None:
+        items = mm_items.get(modality)
+        processor = self.info.get_image_processor()
+        if modality == "image" and isinstance(items, ImageProcessorItems):
+            size = items.get_image_size(item_idx)
+            return self.info.get_num_image_tokens(
+                image_width=size.width,
+                image_height=size.height,
+                image_processor=processor,
+                mm_kwargs={},
+            )
+        if modality == "video" and isinstance(items, VideoProcessorItems):
+            size = items.get_frame_size(item_idx)
+            return self.info.get_num_video_tokens(
+                image_width=size.width,
+                image_height=size.height,
+                num_frames=items.get_num_frames(item_idx),
+                image_processor=processor,
+                mm_kwargs={},
+            )
+        return None
+
     def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
         settings = settings_from_kwargs(hf_processor_mm_kwargs)
         if settings is None:
