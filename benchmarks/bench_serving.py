@@ -76,6 +76,14 @@ from pathlib import Path
 ALL_METHODS = ["script", "gsp", "qcsp", "trim", "prumerge+", "divprune", "uniform"]
 BUDGETS = [192, 128, 64]
 QUICK_BUDGETS = [128, 64]
+# LLaVA-NeXT: 336-px crops, the model's pinpoints; a 672x672 image is 576 (base) + 4 x 576
+# (tiles) + 48 newlines = 2880 tokens. The papers' 88.9 % setting keeps 320 of them.
+NEXT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+GEOMETRIES = {
+    # name: (image side in px, default budgets, max_model_len)
+    "llava15": (336, BUDGETS, 2048),
+    "llava-next": (672, [320], 4096),
+}
 MODEL = {
     "text_hidden": 1024,
     "text_layers": 8,
@@ -386,8 +394,9 @@ def _cache_info(worker) -> dict:
 class _Requests:
     """Fresh image per request (a new seed each time), questions in turn."""
 
-    def __init__(self, seed_base: int = 1_000_000):
+    def __init__(self, seed_base: int = 1_000_000, side: int = 336):
         self.next_seed = seed_base
+        self.side = side
 
     def make(self, setting: tuple[str, int], question: int = 0) -> dict:
         from vllm_script.testing import random_image
@@ -398,7 +407,7 @@ class _Requests:
         script = {"method": "none"} if method == "none" else {"method": method, "budget": budget}
         return {
             "prompt": f"USER: <image>\n{QUESTIONS[question % len(QUESTIONS)]} ASSISTANT:",
-            "multi_modal_data": {"image": random_image(seed)},
+            "multi_modal_data": {"image": random_image(seed, self.side, self.side)},
             "mm_processor_kwargs": {"script": script},
         }
 
@@ -463,13 +472,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", default=None, help="CSV path (PNG next to it)")
     parser.add_argument("--machine", default=None, help="label in the file name and CSV")
     parser.add_argument("--kv-cache-gib", type=float, default=2.0, help="fixed KV-cache size")
-    parser.add_argument("--model", default=None, help="a LLaVA-1.5 checkpoint instead")
+    parser.add_argument(
+        "--geometry",
+        choices=sorted(GEOMETRIES),
+        default="llava15",
+        help="llava15: 336-px image, 576 tokens; llava-next: 672x672, 2880 tokens (budget 320)",
+    )
+    parser.add_argument("--model", default=None, help="a checkpoint of that geometry instead")
     parser.add_argument("--model-dir", default=None, help="where the built-in one is written")
     parser.add_argument("--seed", type=int, default=0, help="order of settings per round")
     args = parser.parse_args(argv)
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if args.budgets is None:
-        args.budgets = QUICK_BUDGETS if args.quick else BUDGETS
+        default = GEOMETRIES[args.geometry][1]
+        args.budgets = QUICK_BUDGETS if args.quick and args.geometry == "llava15" else default
     else:
         args.budgets = [int(b) for b in args.budgets.split(",") if b.strip()]
     defaults = (3, 2, 4) if args.quick else (20, 8, 40)
@@ -493,25 +509,37 @@ def main(argv: list[str] | None = None) -> Path:
     from tqdm import tqdm
     from vllm import LLM, SamplingParams
 
-    from vllm_script.testing import write_tiny_llava
+    from vllm_script.testing import write_tiny_llava, write_tiny_llava_next
 
+    side, _, max_model_len = GEOMETRIES[args.geometry]
     machine, machine_desc = machine_label()
     machine = args.machine or machine
+    if args.geometry != "llava15" and not args.machine:
+        machine = f"{machine}-{args.geometry}"
     out_csv = Path(args.out) if args.out else RESULTS_DIR / f"serving_{machine}.csv"
     if args.model:
         model_dir = Path(args.model)
         model_label = args.model
     else:
-        model_label = "built-in random LLaVA-1.5 geometry: " + ", ".join(
+        name = "LLaVA-1.5" if args.geometry == "llava15" else "LLaVA-NeXT"
+        model_label = f"built-in random {name} geometry: " + ", ".join(
             f"{k} {v}" for k, v in MODEL.items()
         )
-        default_dir = Path(tempfile.gettempdir()) / "vllm-script-bench-llava"
-        model_dir = write_tiny_llava(Path(args.model_dir or default_dir), **MODEL)
+        default_dir = Path(tempfile.gettempdir()) / f"vllm-script-bench-{args.geometry}"
+        if args.geometry == "llava15":
+            model_dir = write_tiny_llava(Path(args.model_dir or default_dir), **MODEL)
+        else:
+            model_dir = write_tiny_llava_next(
+                Path(args.model_dir or default_dir),
+                image_size=336,
+                grid_pinpoints=NEXT_PINPOINTS,
+                **MODEL,
+            )
     cache_bytes = int(args.kv_cache_gib * 2**30)
     print(f"[bench] model {model_dir}; KV cache {args.kv_cache_gib} GiB; {machine_desc}")
     llm = LLM(
         model=str(model_dir),
-        max_model_len=2048,
+        max_model_len=max_model_len,
         hf_overrides={"script": {"method": "script", "budget": 64}},  # requests override
         enable_prefix_caching=False,
         enforce_eager=True,
@@ -534,7 +562,7 @@ def main(argv: list[str] | None = None) -> Path:
     cache_blocks = int(info["num_blocks"] or cache_bytes // block_bytes)
     cache_gib = cache_blocks * block_bytes / 2**30
 
-    requests = _Requests()
+    requests = _Requests(side=side)
     one = SamplingParams(max_tokens=1, temperature=0)
     many = SamplingParams(max_tokens=args.output_tokens, temperature=0, ignore_eos=True)
     off = ("none", 0)
@@ -559,8 +587,9 @@ def main(argv: list[str] | None = None) -> Path:
         print(f"[bench] skipped method {method!r}: {why}")
     if off not in prompt_tokens:
         raise SystemExit("[bench] the unpruned request failed; nothing to compare against")
-    vision_cfg = engine.model_config.hf_config.vision_config
-    num_image_tokens = (vision_cfg.image_size // vision_cfg.patch_size) ** 2  # LLaVA-1.5
+    # the <image> tag (one token) became N tokens in the unpruned prompt
+    tagged = requests.make(off)["prompt"]
+    num_image_tokens = prompt_tokens[off] - len(llm.get_tokenizer().encode(tagged)) + 1
     settings = [off] + [s for s in settings if s != off]
     llm.collective_rpc(_drain_timers)
 

@@ -27,3 +27,14 @@ def tiny_qwen(tmp_path_factory) -> Path:
     from vllm_script.testing import write_tiny_qwen2_5_vl
 
     return write_tiny_qwen2_5_vl(tmp_path_factory.mktemp("ckpt") / "tiny-qwen2.5-vl")
+
+
+@pytest.fixture(scope="module")
+def server(tiny_llava):
+    """The OpenAI server the README documents (CPU route), on loopback, one per module."""
+    from server_utils import SERVER_SETTINGS, VllmServer
+
+    srv = VllmServer(tiny_llava, settings=SERVER_SETTINGS)
+    srv.start()
+    yield srv
+    srv.stop()

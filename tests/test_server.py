@@ -16,7 +16,6 @@ import pytest
 from server_utils import (
     SERVER_SETTINGS,
     N,
-    VllmServer,
     messages,
     run_server_expecting_failure,
     script_kwargs,
@@ -27,14 +26,6 @@ from vllm_script import metrics
 BUDGET = SERVER_SETTINGS["budget"]
 QUESTION = "what is in the image?"
 MAX_TOKENS = 6
-
-
-@pytest.fixture(scope="module")
-def server(tiny_llava):
-    srv = VllmServer(tiny_llava, settings=SERVER_SETTINGS)
-    srv.start()
-    yield srv
-    srv.stop()
 
 
 @pytest.fixture(scope="module")

@@ -180,14 +180,6 @@ def _row(phase: str, results: list[dict], wall: float, concurrency: int, rate=Tr
     }
 
 
-@pytest.fixture(scope="module")
-def server(tiny_llava):
-    srv = VllmServer(tiny_llava, settings=SERVER_SETTINGS)
-    srv.start()
-    yield srv
-    srv.stop()
-
-
 def test_concurrent_mix_equals_serial_answers(server):
     mix = build_mix()
     assert len(mix) >= 64

@@ -39,7 +39,7 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.parse import ImageProcessorItems
 from vllm.multimodal.processing import PromptReplacement
 
-from vllm_script.config import kept_count
+from vllm_script.config import SettingsError, kept_count
 from vllm_script.models.common import (
     ScriptModelMixin,
     ScriptProcessorMixin,
@@ -113,6 +113,19 @@ class ScriptLlavaProcessor(
 
     def script_clip_vision_width(self) -> int:
         return clip_vision_width(self.info.get_hf_config())
+
+    def script_check_supported(self, settings, where: str) -> None:
+        super().script_check_supported(settings, where)
+        vision = self.info.get_hf_config().vision_config
+        if (
+            settings is not None
+            and settings.method == "prumerge+"
+            and (getattr(vision, "model_type", None) != "clip_vision_model")
+        ):  # PruMerge+ reads the CLS token's attention: CLIP towers have one, SigLIP not
+            raise SettingsError(
+                f"{where}: invalid value for 'script.method': 'prumerge+'; it needs a CLIP "
+                f"vision tower (with a CLS token), this model's is {vision.model_type!r}"
+            )
 
 
 def _build_processor(info, dummy_inputs):
