@@ -74,6 +74,12 @@ def run_requests(llm, requests: list[dict]) -> list[dict]:
     return results
 
 
+def answers(results: list[dict]) -> list[tuple[int, list[int]]]:
+    """(prompt length, generated tokens) per result; fails on any per-request error."""
+    assert all("error" not in r for r in results), results
+    return [(r["prompt_len"], r["tokens"]) for r in results]
+
+
 def run_in_fresh_engine(
     model_dir: Path,
     requests: list[dict],

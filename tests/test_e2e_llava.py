@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 
 import pytest
-from engine_utils import ENGINE_KWARGS, run_in_fresh_engine, run_requests
+from engine_utils import ENGINE_KWARGS, answers, run_in_fresh_engine, run_requests
 
 pytestmark = pytest.mark.e2e
 
@@ -45,11 +45,6 @@ COMPARE = [{"question": q, "images": [i]} for i, q in enumerate(QUESTIONS)] + [
     {"question": QUESTIONS[0], "images": [3, 4]},
     {"question": "tell me about the sky", "images": []},
 ]
-
-
-def _answers(results: list[dict]) -> list[tuple[int, list[int]]]:
-    assert all("error" not in r for r in results), results
-    return [(r["prompt_len"], r["tokens"]) for r in results]
 
 
 def _recent(llm) -> list[dict]:
@@ -106,12 +101,12 @@ def test_per_request_budget_overrides_server(llm):
 @pytest.mark.parametrize("budget", [N, 1000], ids=["budget=N", "budget>N"])
 def test_budget_at_least_n_is_token_identical_to_vanilla(llm, vanilla, budget):
     requests = [{**r, "mm_processor_kwargs": {"script": {"budget": budget}}} for r in COMPARE]
-    assert _answers(run_requests(llm, requests)) == _answers(vanilla)
+    assert answers(run_requests(llm, requests)) == answers(vanilla)
 
 
 def test_unconfigured_plugin_is_token_identical_to_vanilla(tiny_llava, vanilla):
     plugin_no_settings = run_in_fresh_engine(tiny_llava, COMPARE, plugins=True)
-    assert _answers(plugin_no_settings) == _answers(vanilla)
+    assert answers(plugin_no_settings) == answers(vanilla)
     assert vanilla[0]["prompt_len"] > N  # the image really was in the prompt, unpruned
 
 

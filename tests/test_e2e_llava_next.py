@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from engine_utils import ENGINE_KWARGS, run_in_fresh_engine, run_requests
+from engine_utils import ENGINE_KWARGS, answers, run_in_fresh_engine, run_requests
 
 from vllm_script.config import ScriptSettings, kept_count
 
@@ -25,11 +25,6 @@ def llm(tiny_llava_next):
     engine = LLM(model=str(tiny_llava_next), hf_overrides={"script": SERVER}, **ENGINE)
     yield engine
     del engine
-
-
-def _answers(results):
-    assert all("error" not in r for r in results), results
-    return [(r["prompt_len"], r["tokens"]) for r in results]
 
 
 def test_prompt_tokens_follow_the_count_rule_per_image_size(llm):
@@ -91,5 +86,5 @@ def test_budget_at_least_n_and_unconfigured_match_vanilla(llm, tiny_llava_next):
     vanilla = run_in_fresh_engine(tiny_llava_next, COMPARE, plugins=False, engine_kwargs=ENGINE)
     unconfigured = run_in_fresh_engine(tiny_llava_next, COMPARE, engine_kwargs=ENGINE)
     big = [{**r, "mm_processor_kwargs": {"script": {"budget": 100_000}}} for r in COMPARE]
-    assert _answers(unconfigured) == _answers(vanilla)
-    assert _answers(run_requests(llm, big)) == _answers(vanilla)
+    assert answers(unconfigured) == answers(vanilla)
+    assert answers(run_requests(llm, big)) == answers(vanilla)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 import pytest
-from engine_utils import ENGINE_KWARGS, run_in_fresh_engine, run_requests
+from engine_utils import ENGINE_KWARGS, answers, run_in_fresh_engine, run_requests
 
 from vllm_script.config import ScriptSettings, kept_count
 
@@ -38,11 +38,6 @@ def llm(tiny_qwen):
     engine = LLM(model=str(tiny_qwen), hf_overrides={"script": SERVER}, **ENGINE)
     yield engine
     del engine
-
-
-def _answers(results):
-    assert all("error" not in r for r in results), results
-    return [(r["prompt_len"], r["tokens"]) for r in results]
 
 
 @pytest.mark.parametrize(
@@ -91,8 +86,8 @@ def test_budget_at_least_n_and_unconfigured_match_vanilla(llm, tiny_qwen):
     vanilla = run_in_fresh_engine(tiny_qwen, COMPARE, plugins=False, engine_kwargs=ENGINE)
     unconfigured = run_in_fresh_engine(tiny_qwen, COMPARE, engine_kwargs=ENGINE)
     big = [{**r, "mm_processor_kwargs": {"script": {"budget": 100_000}}} for r in COMPARE]
-    assert _answers(unconfigured) == _answers(vanilla)
-    assert _answers(run_requests(llm, big)) == _answers(vanilla)
+    assert answers(unconfigured) == answers(vanilla)
+    assert answers(run_requests(llm, big)) == answers(vanilla)
 
 
 def test_video_pruning_rate_and_script_refuse_to_start_together(tiny_qwen):
