@@ -88,9 +88,24 @@ def test_qcsp_prefers_relevant_tokens_when_theta_high():
 
 def test_dpp_quality_forms():
     r = torch.tensor([[0.0, 1.0]])
-    assert torch.allclose(dpp_quality(r, 0.5), torch.tensor([[1.0, torch.e**0.5]]))
+    # theta 0.5: alpha 0.5, q = exp(0.5 r) / exp(0.5 max r)
+    assert torch.allclose(dpp_quality(r, 0.5), torch.tensor([[torch.e**-0.5, 1.0]]))
     assert torch.equal(dpp_quality(r, 0.0), torch.ones(1, 2))
     assert dpp_quality(None, 0.5) is None
+
+
+@pytest.mark.parametrize("theta", [0.0, 0.99, 0.9944, 0.999, 1 - 1e-12, 0.9999999999999999])
+def test_dpp_quality_never_overflows_up_to_the_edge_of_theta(theta):
+    """Any allowed theta (config: [0, 1)) gives finite quality in (0, 1] where r is max, and
+    qcsp selects k distinct tokens from it without raising."""
+    g = torch.Generator().manual_seed(0)
+    r = torch.rand(2, 50, generator=g)
+    r[:, 7] = 1.0
+    q = dpp_quality(r, theta)
+    assert torch.isfinite(q).all() and (q >= 0).all() and (q <= 1).all()
+    assert torch.equal(q[:, 7], torch.ones(2))
+    keep = qcsp_select(torch.randn(2, 50, 16, generator=g), r, 12, theta=theta).keep
+    assert all(len(set(row)) == 12 for row in keep.tolist())
 
 
 def test_llm_relevance_is_mean_cosine_min_max_normalised():

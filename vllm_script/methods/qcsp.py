@@ -9,16 +9,21 @@ from vllm_script.methods.base import Selection
 
 
 def dpp_quality(relevance: torch.Tensor | None, theta: float) -> torch.Tensor | None:
-    """[B, N] relevance in [0, 1] -> [B, N] quality `q_i = exp(alpha r_i)`.
+    """[B, N] relevance in [0, 1] -> [B, N] quality `q_i = exp(alpha (r_i - max_j r_j))`.
 
-    `alpha = theta / (2 (1 - theta))` (CDPruner's paper form): `log det L_Y` then equals
-    `theta / (1 - theta) * sum_Y r_i + log det S_Y`, an explicit relevance/diversity
-    trade-off; theta = 0 is pure diversity. (The authors' code uses `q_i = r_i`.)
+    `alpha = theta / (2 (1 - theta))` (CDPruner's paper form, `exp(alpha r_i)`): `log det
+    L_Y` then equals `theta / (1 - theta) * sum_Y r_i + log det S_Y` up to a constant, an
+    explicit relevance/diversity trade-off; theta = 0 is pure diversity. (The authors'
+    code uses `q_i = r_i`.) Shifting by the image's largest relevance scales L by a
+    constant, which changes no greedy step, and keeps q in (0, 1] for every theta < 1:
+    `exp(alpha r)` overflows fp32 once alpha > 88 (theta > 0.9944).
     """
     if relevance is None:
         return None
     alpha = theta / (2.0 * (1.0 - theta))
-    return torch.exp(alpha * relevance.float())
+    r = relevance.float()
+    shifted = r - r.amax(dim=-1, keepdim=True) if r.numel() else r
+    return torch.exp(alpha * shifted)
 
 
 def qcsp_select(
