@@ -46,6 +46,13 @@ def test_server_settings_accept_json_string():
         ({"relevance": "attn"}, "'script.relevance': 'attn'", "'llm'"),
         ({"budgets": 3}, "unknown key 'script.budgets'", "allowed keys"),
         (["budget"], "must be an object", "list"),
+        ({"method": ["script"]}, "'script.method': ['script']", "one of"),
+        ({"method": {"a": 1}}, "'script.method': {'a': 1}", "one of"),
+        ({"relevance": ["llm"]}, "'script.relevance': ['llm']", "'llm'"),
+        ({"reference": "arxiv"}, "'script.reference': 'arxiv'", "['paper', 'code']"),
+        ({"gamma": 20.5}, "'script.gamma': 20.5", "[0, 20]"),
+        ({"gamma": 10**400}, "'script.gamma'", "[0, 20]"),
+        ({"theta": 10**400}, "'script.theta'", "[0, 1)"),
     ],
     ids=[
         "budget=0",
@@ -57,6 +64,13 @@ def test_server_settings_accept_json_string():
         "relevance",
         "unknown-key",
         "not-object",
+        "method-list",
+        "method-dict",
+        "relevance-list",
+        "reference",
+        "gamma-above-20",
+        "gamma-huge-int",
+        "theta-huge-int",
     ],
 )
 def test_bad_settings_name_key_value_and_allowed(raw, named, allowed):
@@ -73,9 +87,39 @@ def test_request_budget_above_server_max_is_refused():
         resolve_request_settings(server, {"budget": 193})
 
 
-def test_server_only_keys_refused_per_request():
-    with pytest.raises(SettingsError, match="max_budget.*server-wide"):
-        resolve_request_settings(None, {"max_budget": 10})
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("max_budget", 10), ("clip_path", "/x"), ("backend", "torch"), ("request_kwargs", "all")],
+)
+def test_server_only_keys_refused_per_request(key, value):
+    with pytest.raises(SettingsError, match=f"{key}.*server-wide"):
+        resolve_request_settings(None, {key: value})
+
+
+@pytest.mark.parametrize(
+    ("raw", "allowed"),
+    [
+        ({"backend": "triton"}, "['auto', 'torch']"),
+        ({"backend": ["torch"]}, "['auto', 'torch']"),
+        ({"request_kwargs": "none"}, "['script-only', 'all']"),
+    ],
+    ids=["backend", "backend-list", "request-kwargs"],
+)
+def test_bad_server_only_keys_name_the_allowed_values(raw, allowed):
+    with pytest.raises(SettingsError) as err:
+        parse_server_settings(raw)
+    assert f"'script.{next(iter(raw))}'" in str(err.value) and allowed in str(err.value)
+
+
+def test_edges_of_allowed_ranges_are_accepted():
+    s = resolve_request_settings(
+        None, {"theta": 0.9999999999999999, "gamma": 20, "tau": -1, "gsp_ratio": 1}
+    )
+    assert (s.theta, s.gamma, s.tau, s.gsp_ratio) == (0.9999999999999999, 20.0, -1.0, 1.0)
+    assert resolve_request_settings(None, {"theta": 0, "gamma": 0, "tau": 1}).gamma == 0.0
+    server = parse_server_settings({"backend": "torch", "request_kwargs": "all"})
+    assert (server.backend, server.request_kwargs) == ("torch", "all")
+    assert resolve_request_settings(None, {"reference": "code"}).reference == "code"
 
 
 @pytest.mark.parametrize(

@@ -25,8 +25,20 @@ METHODS = {
     "uniform": False,
 }
 RELEVANCE_SOURCES = ("llm", "clip")
-# keys only the server may set: they size start-up profiling or load weights
-SERVER_ONLY_KEYS = ("max_budget", "clip_path")
+# "paper": each method as its paper defines it (default); "code": as its authors' released
+# code selects (see README, "Fidelity")
+REFERENCES = ("paper", "code")
+# where selection runs: "auto" = Triton kernels for CUDA tensors, PyTorch twins otherwise;
+# "torch" = the PyTorch twins everywhere (a way around a Triton / driver problem)
+BACKENDS = ("auto", "torch")
+# which per-request processor kwargs the plugin's processors accept: only `script`
+# ("script-only"), or any (vLLM's behaviour with --trust-request-mm-kwargs)
+REQUEST_KWARGS = ("script-only", "all")
+# keys only the server may set: they size start-up profiling, load weights or choose code
+SERVER_ONLY_KEYS = ("max_budget", "clip_path", "backend", "request_kwargs")
+
+
+MAX_GAMMA = 20.0
 
 
 class SettingsError(ValueError):
@@ -45,10 +57,13 @@ class ScriptSettings:
     theta: float = 0.5  # QCSP: relevance/diversity trade-off in [0, 1)
     gsp_ratio: float = 0.5  # script: GSP may remove up to this share of the src tokens
     negate_relevance: bool = False  # the CLIP authors' sign flip (clip relevance only)
+    reference: str = "paper"  # follow the paper, or reproduce the authors' released code
     max_budget: int | None = None  # server only: largest per-request budget (profiled)
     # server only: a local Hugging Face CLIP checkpoint (text tower + projections), checked
     # and loaded at start-up whenever set; requests may then ask for relevance="clip"
     clip_path: str | None = None
+    backend: str = "auto"  # server only: see BACKENDS
+    request_kwargs: str = "script-only"  # server only: see REQUEST_KWARGS
 
     @property
     def active(self) -> bool:
@@ -80,14 +95,22 @@ def _check_value(key: str, value: object, where: str) -> object:
         return isinstance(v, int) and not isinstance(v, bool)
 
     def is_num(v: object) -> bool:
-        return (is_int(v) or isinstance(v, float)) and math.isfinite(v)
+        try:
+            return (is_int(v) or isinstance(v, float)) and math.isfinite(v)
+        except OverflowError:  # an int beyond float range
+            return False
 
-    if key == "method":
-        if value not in METHODS:
-            raise _bad(key, value, f"one of {sorted(METHODS)}", where)
-    elif key == "relevance":
-        if value not in RELEVANCE_SOURCES:
-            raise _bad(key, value, f"one of {list(RELEVANCE_SOURCES)}", where)
+    choices = {
+        "method": sorted(METHODS),
+        "relevance": list(RELEVANCE_SOURCES),
+        "reference": list(REFERENCES),
+        "backend": list(BACKENDS),
+        "request_kwargs": list(REQUEST_KWARGS),
+    }
+    if key in choices:
+        # isinstance first: a list or dict is unhashable and must get this message too
+        if not isinstance(value, str) or value not in choices[key]:
+            raise _bad(key, value, f"one of {choices[key]}", where)
     elif key in ("budget", "max_budget"):
         if key == "max_budget" and value is None:
             return value
@@ -98,8 +121,9 @@ def _check_value(key: str, value: object, where: str) -> object:
             raise _bad(key, value, "a number in [-1, 1] (a cosine similarity)", where)
         value = float(value)
     elif key == "gamma":
-        if not is_num(value) or value < 0:
-            raise _bad(key, value, "a number >= 0", where)
+        # bounded so that exp(gamma * (mu - tau)), |mu - tau| <= 2, stays finite in fp32
+        if not is_num(value) or not 0.0 <= value <= MAX_GAMMA:
+            raise _bad(key, value, f"a number in [0, {MAX_GAMMA:g}]", where)
         value = float(value)
     elif key == "theta":
         if not is_num(value) or not 0.0 <= value < 1.0:
