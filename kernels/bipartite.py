@@ -1,30 +1,31 @@
 """Triton kernel: bipartite similarity statistics for GSP, tile by tile.
 
 Twin (oracle and CPU path): `vllm_script.reference.bipartite.bipartite_stats`, same
-signature and arithmetic: `S_ij = ((f_i . f_j) * r_i) * r_j`, fp32 dots (IEEE fp32 for
-fp32 inputs, bf16/fp16 products accumulated in fp32; see `kernels.dpp.dot_mode`),
+signature and arithmetic: `S_ij = ((f_i . f_j) * r_i) * r_j`, fp32 accumulation (bf16/fp16
+products exact on tensor cores; fp32 inputs as 3xTF32, see `kernels.dpp.dot_mode`),
 `r = 1 / max(||f||, 1e-12)`.
 
-One program per (tile of BLOCK_M src tokens, image) walks all dst tokens in tiles of
-BLOCK_N, keeping per src row the degree (#S >= tau), the sum over those edges, the sum
-over all dst, and the running max with its first argmax (strict `>` across tiles keeps
-ties on the lowest dst index). No similarity matrix is ever written: memory is
-O(B * N) besides the features, traffic N*D per src tile.
+One program per (tile of BLOCK_M src tokens, split of the dst tokens, image) walks its
+split in tiles of BLOCK_N, keeping per src row the degree (#S >= tau), the sum over those
+edges, the sum over all dst, and the running max with its first argmax (strict `>` across
+tiles keeps ties on the lowest dst index), and writes them as partials; a second kernel
+adds the partials in split order (deterministic) and keeps the first best across splits.
+Splitting dst fills the GPU (1440 src rows are only 23 tiles of 64). No similarity matrix
+is ever written: memory O(splits * B * N) besides the features.
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 import triton
 import triton.language as tl
 from vllm_script.kernels.dpp import _tile_dot, dot_mode
+from vllm_script.kernels.launch import gpu_path, launch
 
 from vllm_script.reference.bipartite import BipartiteStats
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])
 def _inv_norm_kernel(f_ptr, inv_ptr, T, D, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     i_t = tl.program_id(0)
     o_n = i_t * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -39,7 +40,7 @@ def _inv_norm_kernel(f_ptr, inv_ptr, T, D, BLOCK_N: tl.constexpr, BLOCK_D: tl.co
     tl.store(inv_ptr + o_n, b_inv, mask=m_n)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "N_SRC", "N_DST", "SPLIT"])
 def _bipartite_kernel(
     f_ptr,
     inv_ptr,
@@ -53,12 +54,14 @@ def _bipartite_kernel(
     D,
     N_SRC,
     N_DST,
+    SPLIT,
     DOT_MODE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    i_m, i_b = tl.program_id(0), tl.program_id(1)
+    i_m, i_s, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    n_blocks = tl.num_programs(2)
     o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_m = o_m < N_SRC
     tok_m = i_b.to(tl.int64) * N + 2 * o_m  # src = even tokens
@@ -68,9 +71,11 @@ def _bipartite_kernel(
     b_tsum = tl.zeros([BLOCK_M], dtype=tl.float32)
     b_best = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     b_arg = tl.zeros([BLOCK_M], dtype=tl.int32)
-    for n0 in range(0, N_DST, BLOCK_N):
+    lo = i_s * SPLIT
+    hi = tl.minimum(lo + SPLIT, N_DST)
+    for n0 in range(lo, hi, BLOCK_N):
         o_n = n0 + tl.arange(0, BLOCK_N)
-        m_n = o_n < N_DST
+        m_n = o_n < hi
         tok_n = i_b.to(tl.int64) * N + 2 * o_n + 1  # dst = odd tokens
         b_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for d0 in range(0, D, BLOCK_D):
@@ -102,23 +107,67 @@ def _bipartite_kernel(
         m_better = b_tmax > b_best
         b_best = tl.where(m_better, b_tmax, b_best)
         b_arg = tl.where(m_better, b_targ + n0, b_arg)
-    o_out = i_b.to(tl.int64) * N_SRC + o_m
-    tl.store(deg_ptr + o_out, b_deg.to(tl.int64), mask=m_m)
+    # partials [split, B, N_SRC]
+    o_out = (i_s * n_blocks + i_b).to(tl.int64) * N_SRC + o_m
+    tl.store(deg_ptr + o_out, b_deg, mask=m_m)
     tl.store(esum_ptr + o_out, b_esum, mask=m_m)
     tl.store(tsum_ptr + o_out, b_tsum, mask=m_m)
     tl.store(bsim_ptr + o_out, b_best, mask=m_m)
-    tl.store(bdst_ptr + o_out, b_arg.to(tl.int64), mask=m_m)
+    tl.store(bdst_ptr + o_out, b_arg, mask=m_m)
 
 
-def _blocks(n_src: int, n_dst: int, d: int, device: torch.device) -> tuple[int, int, int]:
-    """(BLOCK_M src, BLOCK_N dst, BLOCK_D): wide for the interpreter, MMA-sized on a GPU."""
-    if os.environ.get("TRITON_INTERPRET", "0") == "1" or device.type != "cuda":
+@triton.jit(do_not_specialize=["M", "N_SPLIT"])
+def _bipartite_reduce_kernel(
+    pdeg_ptr,
+    pesum_ptr,
+    ptsum_ptr,
+    pbsim_ptr,
+    pbdst_ptr,
+    deg_ptr,
+    esum_ptr,
+    tsum_ptr,
+    bsim_ptr,
+    bdst_ptr,
+    M,
+    N_SPLIT,
+    BLOCK: tl.constexpr,
+):
+    """Partials [N_SPLIT, M] -> totals [M], in split order (ties: the earliest split)."""
+    o = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = o < M
+    b_deg = tl.zeros([BLOCK], dtype=tl.int32)
+    b_esum = tl.zeros([BLOCK], dtype=tl.float32)
+    b_tsum = tl.zeros([BLOCK], dtype=tl.float32)
+    b_best = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
+    b_arg = tl.zeros([BLOCK], dtype=tl.int32)
+    for s in range(0, N_SPLIT):
+        p = s * M + o
+        b_deg += tl.load(pdeg_ptr + p, mask=m, other=0)
+        b_esum += tl.load(pesum_ptr + p, mask=m, other=0.0)
+        b_tsum += tl.load(ptsum_ptr + p, mask=m, other=0.0)
+        b_sim = tl.load(pbsim_ptr + p, mask=m, other=float("-inf"))
+        m_better = b_sim > b_best
+        b_best = tl.where(m_better, b_sim, b_best)
+        b_arg = tl.where(m_better, tl.load(pbdst_ptr + p, mask=m, other=0), b_arg)
+    tl.store(deg_ptr + o, b_deg.to(tl.int64), mask=m)
+    tl.store(esum_ptr + o, b_esum, mask=m)
+    tl.store(tsum_ptr + o, b_tsum, mask=m)
+    tl.store(bsim_ptr + o, b_best, mask=m)
+    tl.store(bdst_ptr + o, b_arg.to(tl.int64), mask=m)
+
+
+def _blocks(n_src: int, n_dst: int, d: int, device: torch.device) -> tuple[int, int, int, int]:
+    """(BLOCK_M src, BLOCK_N dst, BLOCK_D, dst per split): wide tiles and one split for the
+    interpreter (fast on big blocks, slow per program); MMA-sized tiles on a GPU, with dst
+    split so that even one image gives a few hundred programs."""
+    if not gpu_path(device):
         return (
             min(128, triton.next_power_of_2(max(n_src, 16))),
             min(128, triton.next_power_of_2(max(n_dst, 16))),
             min(32, triton.next_power_of_2(max(d, 16))),
+            max(n_dst, 1),
         )
-    return 64, 64, 32
+    return 64, 64, 64, 256
 
 
 def bipartite_stats(features: torch.Tensor, tau: float) -> BipartiteStats:
@@ -139,15 +188,29 @@ def bipartite_stats(features: torch.Tensor, tau: float) -> BipartiteStats:
     best_dst = torch.zeros(bsz, n_src, dtype=torch.long, device=device)
     if bsz * n_src == 0:
         return BipartiteStats(degree, edge_sum, total_sum, best_sim, best_dst)
-    block_m, block_n, block_d = _blocks(n_src, n_dst, d, device)
+    block_m, block_n, block_d, split = _blocks(n_src, n_dst, d, device)
+    n_split = max(1, triton.cdiv(n_dst, split))
     inv = torch.empty(bsz * n, dtype=torch.float32, device=device)
-    _inv_norm_kernel[(triton.cdiv(bsz * n, 128),)](
-        features, inv, bsz * n, d, BLOCK_N=128, BLOCK_D=max(block_d, 64)
-    )
-    _bipartite_kernel[(triton.cdiv(n_src, block_m), bsz)](
-        features, inv, degree, edge_sum, total_sum, best_sim, best_dst,
-        float(tau), n, d, n_src, n_dst,
+    launch(
+        _inv_norm_kernel, (triton.cdiv(bsz * n, 128),),
+        features, inv, bsz * n, d, BLOCK_N=128, BLOCK_D=max(block_d, 64),
+    )  # fmt: skip
+    part = (n_split, bsz, n_src)
+    p_deg = torch.empty(part, dtype=torch.int32, device=device)
+    p_esum = torch.empty(part, dtype=torch.float32, device=device)
+    p_tsum = torch.empty(part, dtype=torch.float32, device=device)
+    p_bsim = torch.empty(part, dtype=torch.float32, device=device)
+    p_bdst = torch.empty(part, dtype=torch.int32, device=device)
+    launch(
+        _bipartite_kernel, (triton.cdiv(n_src, block_m), n_split, bsz),
+        features, inv, p_deg, p_esum, p_tsum, p_bsim, p_bdst,
+        float(tau), n, d, n_src, n_dst, split,
         DOT_MODE=dot_mode(features.dtype, device), BLOCK_M=block_m, BLOCK_N=block_n,
         BLOCK_D=block_d,
+    )  # fmt: skip
+    launch(
+        _bipartite_reduce_kernel, (triton.cdiv(bsz * n_src, 256),),
+        p_deg, p_esum, p_tsum, p_bsim, p_bdst, degree, edge_sum, total_sum, best_sim,
+        best_dst, bsz * n_src, n_split, BLOCK=256,
     )  # fmt: skip
     return BipartiteStats(degree, edge_sum, total_sum, best_sim, best_dst)

@@ -22,10 +22,12 @@ if not torch.cuda.is_available():
 triton = pytest.importorskip("triton", reason="the Triton kernels need the `triton` package")
 
 from vllm_script.kernels import bipartite as kbip  # noqa: E402
+from vllm_script.kernels import divprune as kdiv  # noqa: E402
 from vllm_script.kernels import dpp as kdpp  # noqa: E402
 
 from vllm_script import ops  # noqa: E402
 from vllm_script.reference import bipartite as rbip  # noqa: E402
+from vllm_script.reference import divprune as rdiv  # noqa: E402
 from vllm_script.reference import dpp as rdpp  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -195,7 +197,7 @@ def test_bipartite_kernel_matches_twin(n, d, bsz):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_bipartite_kernel_many_tiles_low_precision(monkeypatch, dtype):
-    monkeypatch.setattr(kbip, "_blocks", lambda *a: (16, 16, 16))
+    monkeypatch.setattr(kbip, "_blocks", lambda *a: (16, 16, 16, 32))  # 3 dst splits
     f = _features(2, 151, 72, seed=9, dtype=dtype)
     _assert_stats_close(kbip.bipartite_stats(_to(f), 0.1), rbip.bipartite_stats(f, 0.1), 75)
 
@@ -213,11 +215,50 @@ def test_backend_dispatch(monkeypatch):
     ops.dpp_greedy_map(f, rel, 5, backend="auto")  # CPU tensors: torch, not the kernel
     assert calls == ["triton"]
     if torch.cuda.is_available():
-        ops.dpp_greedy_map(f.cuda(), rel.cuda(), 5, backend="auto")
+        ops.dpp_greedy_map(f.cuda(), _to(rel), 5, backend="auto")
         assert calls == ["triton", "triton"]
     a = ops.bipartite_stats(_to(f), 0.3, backend="triton")
     b = ops.bipartite_stats(f, 0.3, backend="torch")
     assert torch.equal(a.best_dst.cpu(), b.best_dst)
+
+
+def _divprune_shapes():
+    for n in (1, 2, 7, 63, 577):
+        for k in sorted({1, max(1, n // 9), n}):
+            for d in (3, 64):
+                yield pytest.param(n, k, d, 2, id=f"N{n}-k{k}-D{d}-B2")
+
+
+@pytest.mark.parametrize("n, k, d, bsz", list(_divprune_shapes()))
+def test_divprune_kernel_matches_twin(n, k, d, bsz):
+    """Exact duplicates (every 5th token copies token 1) make exact ties: lowest index."""
+    f = _features(bsz, n, d, seed=n + d)
+    want = rdiv.divprune_order(f, k)
+    for materialize in (True, False):
+        got = kdiv.divprune_order(_to(f), k, materialize=materialize).cpu()
+        assert torch.equal(got, want), f"materialize={materialize}"
+
+
+@pytest.mark.parametrize("materialize", [True, False], ids=["gram", "rows"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_divprune_kernel_many_tiles_low_precision(monkeypatch, materialize, dtype):
+    """Small tiles: per-tile bests across 5 tiles, the nn kernel's column loop."""
+    monkeypatch.setattr(kdiv, "_blocks", lambda *a: (16, 16, 16))
+    f = _features(3, 70, 40, seed=12, dtype=dtype)
+    want = rdiv.divprune_order(f, 30)
+    got = kdiv.divprune_order(_to(f), 30, materialize=materialize)
+    assert torch.equal(got.cpu(), want)
+
+
+def test_divprune_dispatch_and_validation():
+    f = _features(2, 30, 8)
+    assert torch.equal(
+        ops.divprune_order(_to(f), 5, backend="triton").cpu(),
+        ops.divprune_order(f, 5, backend="torch"),
+    )
+    for k in (0, 31):
+        with pytest.raises(ValueError, match=f"k={k} must be in \\[1, N=30\\]"):
+            ops.divprune_order(f, k)
 
 
 def test_varlen_validation():

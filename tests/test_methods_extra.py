@@ -9,10 +9,11 @@ import torch
 import torch.nn.functional as F
 
 from vllm_script.methods.base import Selection, apply_selection
-from vllm_script.methods.divprune import divprune_select, nearest_neighbor_distance
+from vllm_script.methods.divprune import divprune_select
 from vllm_script.methods.prumerge import cls_attention_from_qk, prumerge_plus_select
 from vllm_script.methods.trim import iqr_outliers, trim_scores, trim_select
 from vllm_script.methods.uniform import uniform_indices, uniform_select
+from vllm_script.reference.divprune import divprune_order, nearest_neighbor_distance
 
 # ---------------------------------------------------------------- exact-count guarantee
 
@@ -358,9 +359,10 @@ def test_nearest_neighbor_distance_is_tiled_exactly() -> None:
     feats = torch.randn(2, 37, 5, generator=torch.Generator().manual_seed(4))
     full = nearest_neighbor_distance(feats, tile=1024)
     torch.testing.assert_close(nearest_neighbor_distance(feats, tile=4), full)
-    assert divprune_select(feats, 9, tile=4).info["order"].tolist() == (
-        divprune_select(feats, 9).info["order"].tolist()
-    )
+    want = divprune_select(feats, 9).info["order"]
+    for materialize in (True, False):
+        got = divprune_order(feats, 9, materialize=materialize, tile=4)
+        assert torch.equal(got, want), f"materialize={materialize}"
 
 
 # ---------------------------------------------------------------- uniform

@@ -13,6 +13,7 @@ import torch
 
 from vllm_script.reference import BipartiteStats
 from vllm_script.reference import bipartite as _ref_bipartite
+from vllm_script.reference import divprune as _ref_divprune
 from vllm_script.reference import dpp as _ref_dpp
 
 Backend = Literal["auto", "torch", "triton"]
@@ -208,3 +209,22 @@ def bipartite_stats(
         kernel = _load_kernel("bipartite", "bipartite_stats")
         return kernel(features, float(tau))
     return _ref_bipartite.bipartite_stats(features, float(tau))
+
+
+def divprune_order(features: torch.Tensor, k: int, *, backend: Backend = "auto") -> torch.Tensor:
+    """[B, N, D], k -> LongTensor [B, k]: DivPrune's greedy max-min pick order on `1 - cos`.
+
+    First pick: the token whose nearest other token is farthest; then the unpicked token
+    farthest from its nearest pick; ties to the lowest index (see
+    `vllm_script.reference.divprune`). Raises ValueError unless 1 <= k <= N.
+    """
+    _, n, _ = _check_features(features)
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise TypeError(f"k must be an int, got {type(k).__name__}")
+    if not 1 <= k <= n:
+        raise ValueError(f"k={k} must be in [1, N={n}]")
+    if features.shape[0] == 0:
+        return torch.empty(0, k, dtype=torch.long, device=features.device)
+    if _resolve_backend(backend, features) == "triton":
+        return _load_kernel("divprune", "divprune_order")(features, k)
+    return _ref_divprune.divprune_order(features, k)
