@@ -30,7 +30,14 @@ from vllm_script.kernels.dpp import (
     gram_groups,
     gram_max_bytes,
 )
-from vllm_script.kernels.launch import STEP_BUCKET, StepGraphs, gpu_path, launch, recording
+from vllm_script.kernels.launch import (
+    STEP_BUCKET,
+    StepGraphs,
+    gpu_path,
+    host_ints,
+    launch,
+    recording,
+)
 
 _NO_PICK = tl.constexpr(2147483647)
 
@@ -211,12 +218,12 @@ def _order_group(features: torch.Tensor, k: int, materialize: bool) -> torch.Ten
         MATERIALIZED=materialize, DOT_MODE=dot_mode(flat.dtype, device), BLOCK_M=block_n,
         BLOCK_N=nn_cols, BLOCK_D=block_d,
     )  # fmt: skip
-    desc = torch.tensor(
+    desc = host_ints(
         [
             sim.data_ptr(), inv.data_ptr(), scores.data_ptr(), min_dist.data_ptr(),
             pval.data_ptr(), order.data_ptr(), n, k, bsz,
         ],
-        dtype=torch.int64,
+        device,
     )  # fmt: skip
     step_grid = (nt_cap, b_cap)
 
@@ -231,7 +238,7 @@ def _order_group(features: torch.Tensor, k: int, materialize: bool) -> torch.Ten
     if on_gpu and materialize:
         _GRAPHS.run((device, step_grid, steps, block_n), desc, launch_steps)
     else:
-        launch_steps(desc.to(device))
+        launch_steps(desc.to(device, non_blocking=True))
     return order
 
 

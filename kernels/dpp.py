@@ -34,7 +34,14 @@ import os
 import torch
 import triton
 import triton.language as tl
-from vllm_script.kernels.launch import STEP_BUCKET, StepGraphs, gpu_path, launch, recording
+from vllm_script.kernels.launch import (
+    STEP_BUCKET,
+    StepGraphs,
+    gpu_path,
+    host_ints,
+    launch,
+    recording,
+)
 
 from vllm_script.reference.dpp import GAIN_EPS, TIE_RTOL
 
@@ -428,7 +435,7 @@ def _select_group(
     coff_host = [sum(c_sizes[:b]) for b in range(bsz)] + [0] * (b_cap - bsz)
     soff_host = [sum(s_sizes[:b]) for b in range(bsz)] + [0] * (b_cap - bsz)
     k_host = list(k) + [0] * (b_cap - bsz)
-    ints = torch.tensor(cu_host + k_host + soff_host + coff_host, dtype=torch.int64)
+    ints = host_ints(cu_host + k_host + soff_host + coff_host, device)
     ints = ints.to(device, non_blocking=True)
     cu = ints[: b_cap + 1]
     kk = ints[b_cap + 1 : 2 * b_cap + 1]
@@ -468,13 +475,13 @@ def _select_group(
         BLOCK_N=block_n, BLOCK_NT=BLOCK_NT,
     )  # fmt: skip
 
-    desc = torch.tensor(
+    desc = host_ints(
         [
             q.data_ptr(), cu.data_ptr(), kk.data_ptr(), w.data_ptr(), gains.data_ptr(),
             avail.data_ptr(), eps.data_ptr(), tie.data_ptr(), soff.data_ptr(), sim.data_ptr(),
             coff.data_ptr(), chol.data_ptr(), pval.data_ptr(), picks.data_ptr(), total, max_k,
         ],
-        dtype=torch.int64,
+        device,
     )  # fmt: skip
     assert desc.numel() == DESC_LEN
     step_grid = (nt_cap, b_cap)
@@ -492,7 +499,7 @@ def _select_group(
         key = (device, step_grid, steps, block_n, block_t)
         _GRAPHS.run(key, desc, launch_steps)
     else:
-        launch_steps(desc.to(device))
+        launch_steps(desc.to(device, non_blocking=True))
     return picks
 
 

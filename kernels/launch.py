@@ -52,6 +52,14 @@ def recording() -> bool:
     return _recording is not None
 
 
+def host_ints(values: list[int], device: torch.device) -> torch.Tensor:
+    """int64 host tensor for a per-call H2D copy: pinned for a CUDA device, so that
+    `.to(device, non_blocking=True)` is truly asynchronous (a copy from pageable memory
+    synchronises the stream first)."""
+    pin = device.type == "cuda" and not recording()
+    return torch.tensor(values, dtype=torch.int64, pin_memory=pin)
+
+
 def launch(kernel, grid: tuple, *args, **kwargs) -> None:
     """`kernel[grid](*args, **kwargs)`, or record it under `record_launches`."""
     if _recording is not None:

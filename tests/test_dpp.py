@@ -6,6 +6,14 @@ import pytest
 import torch
 
 from vllm_script import ops
+from vllm_script.reference import dpp as rdpp
+
+# the CPU paths of the twin, each checked against the brute force on its own
+PATHS = {
+    "compiled": rdpp.dpp_greedy_map_compiled,
+    "lazy": rdpp.dpp_greedy_map_lazy,
+    "materialized": rdpp.dpp_greedy_map_materialized,
+}
 
 
 def brute_force_greedy(features, quality, k, candidates):
@@ -31,11 +39,12 @@ def brute_force_greedy(features, quality, k, candidates):
 CASES = [(1, 5, 8, 1), (1, 7, 5, 3), (3, 20, 16, 10), (2, 33, 40, 20), (1, 63, 64, 7)]
 
 
+@pytest.mark.parametrize("path", ["ops", *PATHS])
 @pytest.mark.parametrize("with_candidates", [False, True], ids=["all", "candidates"])
 @pytest.mark.parametrize(
     ("b", "n", "d", "k"), CASES, ids=[f"B{b}-N{n}-D{d}-k{k}" for b, n, d, k in CASES]
 )
-def test_matches_brute_force_logdet_greedy(b, n, d, k, with_candidates):
+def test_matches_brute_force_logdet_greedy(b, n, d, k, with_candidates, path):
     gen = torch.Generator().manual_seed(n * 31 + d)
     features = torch.randn(b, n, d, generator=gen)
     relevance = torch.rand(b, n, generator=gen) + 0.1
@@ -43,7 +52,10 @@ def test_matches_brute_force_logdet_greedy(b, n, d, k, with_candidates):
     if with_candidates:
         candidates = torch.rand(b, n, generator=gen) > 0.3
         candidates[:, :k] = True  # at least k eligible
-    picks = ops.dpp_greedy_map(features, relevance, k, candidates=candidates, backend="torch")
+    if path == "ops":
+        picks = ops.dpp_greedy_map(features, relevance, k, candidates=candidates, backend="torch")
+    else:
+        picks = PATHS[path](features, relevance, k, candidates=candidates)
     assert picks.shape == (b, k) and picks.dtype == torch.long
     for i in range(b):
         mask = candidates[i] if candidates is not None else torch.ones(n, dtype=torch.bool)
@@ -137,3 +149,48 @@ def test_bad_input_names_the_problem(kwargs, match):
 def test_features_must_be_3d():
     with pytest.raises(ValueError, match=r"features must have shape \[B, N, D\]"):
         ops.dpp_greedy_map(torch.randn(10, 4), None, 2)
+
+
+def _awkward(b, n, d, k, seed):
+    """Duplicates (every 5th token copies token 1), relevance in {0, 0.5, 1} (ties, zeros),
+    a candidates mask with exactly k eligible in one image."""
+    g = torch.Generator().manual_seed(seed)
+    f = torch.randn(b, n, d, generator=g)
+    if n >= 7:
+        f[:, 3::5] = f[:, 1:2]
+    rel = torch.randint(0, 3, (b, n), generator=g).float() / 2
+    cand = torch.rand(b, n, generator=g) > 0.3
+    cand[:, :k] = True
+    cand[0] = False
+    cand[0, :k] = True
+    return f, rel, cand
+
+
+@pytest.mark.parametrize(
+    ("b", "n", "d", "k"),
+    [(2, 1, 4, 1), (2, 7, 3, 7), (3, 64, 5, 40), (2, 577, 64, 64), (1, 300, 1000, 150)],
+    ids=["N1", "N7-k=N-D<k", "N64-D5-fill", "N577-k64", "N300-k150-D1000"],
+)
+def test_cpu_paths_make_the_same_choices(b, n, d, k):
+    """Compiled lazy greedy, PyTorch lazy queue and the per-step loop: identical picks,
+    including ties (duplicates), the fill phase (D < k) and candidate masks."""
+    f, rel, cand = _awkward(b, n, d, k, seed=n + d)
+    want = rdpp.dpp_greedy_map_materialized(f, rel, k, candidates=cand)
+    for name in ("compiled", "lazy"):
+        got = PATHS[name](f, rel, k, candidates=cand)
+        assert torch.equal(got, want), name
+    for row, mask in zip(want.tolist(), cand, strict=True):
+        assert len(set(row)) == k and bool(mask[row].all())
+
+
+def test_compiled_path_can_be_turned_off(monkeypatch):
+    from vllm_script.reference import dpp_cpu
+
+    monkeypatch.setenv(dpp_cpu.NUMBA_ENV, "0")
+    assert not dpp_cpu.available()
+    with pytest.raises(RuntimeError, match="numba"):
+        rdpp.dpp_greedy_map_compiled(torch.randn(1, 5, 3), None, 2)
+    f = torch.randn(2, 40, 8)
+    assert torch.equal(
+        rdpp.dpp_greedy_map(f, None, 9), rdpp.dpp_greedy_map_materialized(f, None, 9)
+    )

@@ -71,6 +71,7 @@ def dpp_greedy_map(
     *,
     candidates: torch.Tensor | None = None,
     backend: Backend = "auto",
+    check_values: bool = True,
 ) -> torch.Tensor:
     """[B, N, D], [B, N] | None, k -> LongTensor [B, k]: exact fast greedy DPP MAP.
 
@@ -84,6 +85,10 @@ def dpp_greedy_map(
     D < k), the remaining picks are the eligible unselected tokens by descending
     relevance, ties to the lowest index: always k distinct eligible indices, never NaN.
     Raises ValueError if k exceeds the eligible count of any image.
+
+    `check_values=False` skips the checks that read tensor values (finite, non-negative
+    relevance; the eligible count): each is a device synchronisation on a GPU. Callers
+    that pass it guarantee them (the kernels stay in bounds either way).
     """
     bsz, n, _ = _check_features(features)
     _check_per_token("relevance", relevance, (bsz, n), features.device)
@@ -93,11 +98,13 @@ def dpp_greedy_map(
     if relevance is not None:
         if not relevance.is_floating_point():
             raise ValueError(f"relevance must be a float tensor, got dtype {relevance.dtype}")
-        if not torch.isfinite(relevance).all() or (relevance < 0).any():
+        if check_values and (not torch.isfinite(relevance).all() or (relevance < 0).any()):
             raise ValueError("relevance must be finite and non-negative")
     if candidates is not None and candidates.dtype != torch.bool:
         raise ValueError(f"candidates must be a bool tensor, got dtype {candidates.dtype}")
-    eligible = n if candidates is None else int(candidates.sum(dim=1).min()) if bsz else n
+    eligible = n
+    if check_values and candidates is not None and bsz:
+        eligible = int(candidates.sum(dim=1).min())
     if k < 1 or k > eligible:
         raise ValueError(
             f"k={k} must be in [1, {eligible}] (the smallest eligible-token count over the batch)"

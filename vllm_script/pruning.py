@@ -158,6 +158,16 @@ class _Group:
                 self._tokens = self.need("tokens")
         return self._tokens
 
+    @property
+    def select_tokens(self) -> torch.Tensor:
+        """The tokens as the LLM-space selections read them: fp32 once on CPU (every step
+        computes in fp32; converting once saves a copy per step), as they are on a GPU
+        (bf16/fp16 feed the tensor cores). The rows applied stay `tokens`."""
+        if "select" not in self._stacked:
+            tokens = self.tokens
+            self._stacked["select"] = tokens.float() if tokens.device.type == "cpu" else tokens
+        return self._stacked["select"]
+
     def clip_model(self):
         if self.ctx.clip is None:
             raise RuntimeError(
@@ -185,7 +195,7 @@ class _Group:
             return clip_relevance(
                 self.clip_image_embeds(), self.clip_text_embeds(), negate=self.cfg.negate_relevance
             ).to(self.tokens.device)
-        return llm_relevance(self.tokens, self.query_embeds())
+        return llm_relevance(self.select_tokens, self.query_embeds())
 
     def trim_embeds(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(image embeds [B, N, E], question embeds [B, E]) for TRIM's score."""
@@ -207,9 +217,8 @@ def _select(group: _Group, k: int) -> tuple[Selection, torch.Tensor]:
     cfg, n = group.cfg, group.items[0].num_tokens
     method = cfg.method
     if method == "script":
-        tokens = group.tokens
         selection = script_select(
-            tokens,
+            group.select_tokens,
             group.relevance(),
             k,
             tau=cfg.tau,
@@ -217,16 +226,14 @@ def _select(group: _Group, k: int) -> tuple[Selection, torch.Tensor]:
             theta=cfg.theta,
             gsp_ratio=cfg.gsp_ratio,
         )
-        return selection, tokens
+        return selection, group.tokens
     if method == "qcsp":
-        tokens = group.tokens
-        return qcsp_select(tokens, group.relevance(), k, theta=cfg.theta), tokens
+        selection = qcsp_select(group.select_tokens, group.relevance(), k, theta=cfg.theta)
+        return selection, group.tokens
     if method == "gsp":
-        tokens = group.tokens
-        return gsp_select(tokens, k, tau=cfg.tau, gamma=cfg.gamma), tokens
+        return gsp_select(group.select_tokens, k, tau=cfg.tau, gamma=cfg.gamma), group.tokens
     if method == "divprune":
-        tokens = group.tokens
-        return divprune_select(tokens, k), tokens
+        return divprune_select(group.select_tokens, k), group.tokens
     if method == "uniform":
         tokens = group.tokens
         selection = uniform_select(n, k, group.items[0].grid, batch=len(group.items))
@@ -304,7 +311,7 @@ def prune_items(
             for row, i in enumerate(idxs):
                 kept_indices[i] = selection.keep[row]
         iqr = selection.info.get("iqr_count")
-        if iqr is not None:
+        if iqr is not None and logger.isEnabledFor(logging.DEBUG):  # tolist() syncs a GPU
             logger.debug(
                 "%s: IQR rule would keep %s of %d tokens per image (budget %d)",
                 cfg.method,

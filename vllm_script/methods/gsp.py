@@ -52,8 +52,10 @@ def gsp_select(
         order = redundancy_order(gsp_scores(sub, tau, gamma)[0])
         n_remove = min(alive.shape[1] - k, order.shape[1])
         drop = 2 * order[:, :n_remove]  # src position i is token 2i of the round
-        keep_mask = torch.ones_like(alive, dtype=torch.bool).scatter(1, drop, False)
-        alive = alive[keep_mask].view(bsz, -1)
+        dropped = torch.zeros_like(alive, dtype=torch.int8).scatter(1, drop, 1)
+        # survivors first, in order (a stable sort, not a boolean index: no GPU sync)
+        kept = torch.argsort(dropped, dim=1, stable=True)[:, : alive.shape[1] - n_remove]
+        alive = alive.gather(1, kept)
     return Selection(keep=alive.sort(dim=1).values)
 
 

@@ -21,7 +21,9 @@ def dpp_quality(relevance: torch.Tensor | None, theta: float) -> torch.Tensor | 
     if relevance is None:
         return None
     alpha = theta / (2.0 * (1.0 - theta))
-    r = relevance.float()
+    # NaN / inf relevance (never produced here) would become NaN gains: made 0 instead, so
+    # that no input can make the selection raise or repeat a token in the worker
+    r = torch.nan_to_num(relevance.float(), nan=0.0, posinf=1.0, neginf=0.0)
     shifted = r - r.amax(dim=-1, keepdim=True) if r.numel() else r
     return torch.exp(alpha * shifted)
 
@@ -33,7 +35,18 @@ def qcsp_select(
     *,
     theta: float = 0.5,
     candidates: torch.Tensor | None = None,
+    check_candidates: bool = True,
 ) -> Selection:
-    """[B, N, D], [B, N] | None, k -> Selection of the k tokens the greedy DPP MAP picks."""
-    picks = ops.dpp_greedy_map(features, dpp_quality(relevance, theta), k, candidates=candidates)
+    """[B, N, D], [B, N] | None, k -> Selection of the k tokens the greedy DPP MAP picks.
+
+    `candidates` (bool [B, N]) restricts the picks; `check_candidates=False` skips counting
+    them (a GPU sync) when the caller guarantees at least k per image, as Script does.
+    """
+    picks = ops.dpp_greedy_map(
+        features,
+        dpp_quality(relevance, theta),
+        k,
+        candidates=candidates,
+        check_values=check_candidates and candidates is not None,
+    )
     return Selection(keep=picks.sort(dim=1).values, info={"order": picks})

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import torch
 
+from vllm_script.reference import dpp_cpu
+
 # A gain d_i^2 at or below GAIN_EPS * max_i L_ii is treated as zero: fp32 Cholesky
 # updates leave ~1e-7 noise where the true gain is 0 (duplicates, rank deficiency).
 GAIN_EPS = 1e-5
@@ -284,22 +286,20 @@ def dpp_greedy_map(
     rank deficiency, D < k), the remaining picks are the eligible unselected tokens by
     descending relevance, ties to the lowest index; no NaN can appear.
 
-    Inputs are assumed validated (see `vllm_script.ops.dpp_greedy_map`). Up to
-    `MATERIALISE_MAX_N` tokens it runs `dpp_greedy_map_materialized` (faster there).
+    Inputs are assumed validated (see `vllm_script.ops.dpp_greedy_map`). CPU tensors run
+    the compiled lazy greedy (`vllm_script.reference.dpp_cpu`, when numba is available);
+    otherwise up to `MATERIALISE_MAX_N` tokens `dpp_greedy_map_materialized`, above it the
+    lazy blocked queue (`dpp_greedy_map_lazy`). All three make the same choices.
     """
+    if features.device.type == "cpu" and dpp_cpu.available():
+        return _per_image(dpp_cpu.greedy_one, features, relevance, k, candidates)
     if features.shape[1] <= MATERIALISE_MAX_N:
         return dpp_greedy_map_materialized(features, relevance, k, candidates=candidates)
     return dpp_greedy_map_lazy(features, relevance, k, candidates=candidates)
 
 
-def dpp_greedy_map_lazy(
-    features: torch.Tensor,
-    relevance: torch.Tensor | None,
-    k: int,
-    *,
-    candidates: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """`dpp_greedy_map` by the lazy blocked queue at any N (O(N (K + D)) memory)."""
+def _per_image(greedy, features, relevance, k, candidates) -> torch.Tensor:
+    """Run `greedy(features [N, D], quality [N], eligible [N], k)` on each image."""
     bsz, n, _ = features.shape
     out = torch.empty(bsz, k, dtype=torch.long, device=features.device)
     for b in range(bsz):
@@ -313,8 +313,32 @@ def dpp_greedy_map_lazy(
             if candidates is None
             else candidates[b]
         )
-        out[b] = _greedy_one(features[b], quality, eligible, k)
+        out[b] = greedy(features[b], quality, eligible, k)
     return out
+
+
+def dpp_greedy_map_lazy(
+    features: torch.Tensor,
+    relevance: torch.Tensor | None,
+    k: int,
+    *,
+    candidates: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`dpp_greedy_map` by the lazy blocked queue in PyTorch at any N (O(N (K + D)) memory)."""
+    return _per_image(_greedy_one, features, relevance, k, candidates)
+
+
+def dpp_greedy_map_compiled(
+    features: torch.Tensor,
+    relevance: torch.Tensor | None,
+    k: int,
+    *,
+    candidates: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`dpp_greedy_map` by the numba-compiled lazy greedy (CPU tensors; needs numba)."""
+    if not dpp_cpu.available():
+        raise RuntimeError("the compiled CPU path needs numba (and VLLM_SCRIPT_NUMBA != 0)")
+    return _per_image(dpp_cpu.greedy_one, features.cpu(), relevance, k, candidates)
 
 
 def dpp_greedy_map_varlen(
@@ -331,6 +355,8 @@ def dpp_greedy_map_varlen(
     greedy order, with the same rule as `dpp_greedy_map`. Inputs assumed validated.
     """
     bounds = cu_seqlens.tolist()
+    compiled = features.device.type == "cpu" and dpp_cpu.available()
+    greedy = dpp_cpu.greedy_one if compiled else _greedy_one
     out = []
     for b, k_b in enumerate(k):
         lo, hi = bounds[b], bounds[b + 1]
@@ -344,5 +370,5 @@ def dpp_greedy_map_varlen(
             if candidates is None
             else candidates[lo:hi]
         )
-        out.append(_greedy_one(features[lo:hi], quality, eligible, k_b))
+        out.append(greedy(features[lo:hi], quality, eligible, k_b))
     return out

