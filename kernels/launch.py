@@ -60,12 +60,29 @@ def host_ints(values: list[int], device: torch.device) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.int64, pin_memory=pin)
 
 
+class KernelError(RuntimeError):
+    """A Triton kernel failed to compile or launch; `kernel` names it."""
+
+    def __init__(self, kernel: str, cause: BaseException):
+        self.kernel = kernel
+        super().__init__(f"Triton kernel {kernel} failed: {type(cause).__name__}: {cause}")
+
+
+def kernel_name(kernel) -> str:
+    fn = getattr(kernel, "fn", kernel)
+    return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__name__', repr(fn))}"
+
+
 def launch(kernel, grid: tuple, *args, **kwargs) -> None:
-    """`kernel[grid](*args, **kwargs)`, or record it under `record_launches`."""
+    """`kernel[grid](*args, **kwargs)`, or record it under `record_launches`. Failures are
+    re-raised as `KernelError` naming the kernel."""
     if _recording is not None:
         _recording.launches.append((kernel, tuple(grid), args, kwargs))
         return
-    kernel[grid](*args, **kwargs)
+    try:
+        kernel[grid](*args, **kwargs)
+    except Exception as exc:
+        raise KernelError(kernel_name(kernel), exc) from exc
 
 
 @contextmanager

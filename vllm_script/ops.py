@@ -2,11 +2,17 @@
 
 `backend="torch"` runs the pure-PyTorch twins in `vllm_script.reference` (any device);
 `backend="triton"` runs the kernels in `vllm_script.kernels` (CUDA tensors, or CPU under
-`TRITON_INTERPRET=1`); `backend="auto"` picks Triton for CUDA tensors, else torch.
+`TRITON_INTERPRET=1`); `backend="auto"` follows the process default: the server setting
+`"backend"` (`set_default_backend`), else the environment variable VLLM_SCRIPT_BACKEND,
+else Triton for CUDA tensors and torch otherwise. Under "auto" a Triton kernel that fails
+to compile or launch is logged once (kernel, Triton / CUDA versions) and the process
+falls back to the PyTorch twins: a kernel problem never stops a request.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 from typing import Literal
 
 import torch
@@ -16,16 +22,82 @@ from vllm_script.reference import bipartite as _ref_bipartite
 from vllm_script.reference import divprune as _ref_divprune
 from vllm_script.reference import dpp as _ref_dpp
 
+logger = logging.getLogger("vllm_script")
+
 Backend = Literal["auto", "torch", "triton"]
 BACKENDS = ("auto", "torch", "triton")
+BACKEND_ENV = "VLLM_SCRIPT_BACKEND"
+BACKEND_HINT = (
+    "to select tokens with the PyTorch path instead, start the server with "
+    '\'"backend": "torch"\' in its --hf-overrides \'{"script": {...}}\' settings, or set '
+    f"{BACKEND_ENV}=torch"
+)
+_process_default: str | None = None
+
+
+def set_default_backend(backend: str | None) -> None:
+    """The process-wide meaning of backend="auto" ("auto", "torch", "triton"; None: the
+    environment's). The model sets it from the server's `backend` setting."""
+    global _process_default
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is not one of {BACKENDS}")
+    _process_default = backend
+
+
+def default_backend() -> str:
+    if _process_default is not None:
+        return _process_default
+    env = os.environ.get(BACKEND_ENV, "auto")
+    if env not in BACKENDS:
+        raise ValueError(f"{BACKEND_ENV}={env!r} is not one of {BACKENDS}")
+    return env
 
 
 def _resolve_backend(backend: str, tensor: torch.Tensor) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} is not one of {BACKENDS}")
     if backend == "auto":
+        backend = default_backend()
+    if backend == "auto":
         return "triton" if tensor.is_cuda else "torch"
     return backend
+
+
+def runtime_versions() -> str:
+    """Triton, CUDA, torch and the device: what a kernel failure report needs."""
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "not installed"
+    parts = [f"Triton {triton_version}", f"CUDA {torch.version.cuda}", f"torch {torch.__version__}"]
+    if torch.cuda.is_available():
+        cap = torch.cuda.get_device_capability()
+        parts.append(f"{torch.cuda.get_device_name()} (sm_{cap[0]}{cap[1]})")
+    return ", ".join(parts)
+
+
+def _dispatch(backend: str, tensor: torch.Tensor, module: str, name: str, run_kernel, run_twin):
+    """Run `run_kernel(kernel_fn)` or `run_twin()` per the backend (see module docstring)."""
+    if _resolve_backend(backend, tensor) == "torch":
+        return run_twin()
+    kernel = _load_kernel(module, name)
+    if backend != "auto":
+        return run_kernel(kernel)
+    from vllm_script.kernels.launch import KernelError
+
+    try:
+        return run_kernel(kernel)
+    except KernelError as exc:
+        logger.error(
+            "vllm-script: %s (%s); selecting with the PyTorch twins from now on. %s.",
+            exc,
+            runtime_versions(),
+            BACKEND_HINT,
+        )
+        set_default_backend("torch")
+        return run_twin()
 
 
 def _load_kernel(module: str, name: str):
@@ -111,10 +183,14 @@ def dpp_greedy_map(
         )
     if bsz == 0:
         return torch.empty(0, k, dtype=torch.long, device=features.device)
-    if _resolve_backend(backend, features) == "triton":
-        kernel = _load_kernel("dpp", "dpp_greedy_map")
-        return kernel(features, relevance, k, candidates=candidates)
-    return _ref_dpp.dpp_greedy_map(features, relevance, k, candidates=candidates)
+    return _dispatch(
+        backend,
+        features,
+        "dpp",
+        "dpp_greedy_map",
+        lambda kernel: kernel(features, relevance, k, candidates=candidates),
+        lambda: _ref_dpp.dpp_greedy_map(features, relevance, k, candidates=candidates),
+    )
 
 
 def dpp_greedy_map_varlen(
@@ -194,10 +270,16 @@ def dpp_greedy_map_varlen(
             raise ValueError(
                 f"k[{b}]={k_b} must be in [1, {eligible}] (image {b}'s eligible count)"
             )
-    if _resolve_backend(backend, features) == "triton":
-        kernel = _load_kernel("dpp", "dpp_greedy_map_varlen")
-        return kernel(features, cu_seqlens, relevance, k, candidates=candidates)
-    return _ref_dpp.dpp_greedy_map_varlen(features, cu_seqlens, relevance, k, candidates=candidates)
+    return _dispatch(
+        backend,
+        features,
+        "dpp",
+        "dpp_greedy_map_varlen",
+        lambda kernel: kernel(features, bounds, relevance, k, candidates=candidates),
+        lambda: _ref_dpp.dpp_greedy_map_varlen(
+            features, cu_seqlens, relevance, k, candidates=candidates
+        ),
+    )
 
 
 def bipartite_stats(
@@ -212,10 +294,14 @@ def bipartite_stats(
     _check_features(features)
     if isinstance(tau, bool) or not isinstance(tau, (int, float)):
         raise TypeError(f"tau must be a float, got {type(tau).__name__}")
-    if _resolve_backend(backend, features) == "triton":
-        kernel = _load_kernel("bipartite", "bipartite_stats")
-        return kernel(features, float(tau))
-    return _ref_bipartite.bipartite_stats(features, float(tau))
+    return _dispatch(
+        backend,
+        features,
+        "bipartite",
+        "bipartite_stats",
+        lambda kernel: kernel(features, float(tau)),
+        lambda: _ref_bipartite.bipartite_stats(features, float(tau)),
+    )
 
 
 def divprune_order(features: torch.Tensor, k: int, *, backend: Backend = "auto") -> torch.Tensor:
@@ -232,6 +318,11 @@ def divprune_order(features: torch.Tensor, k: int, *, backend: Backend = "auto")
         raise ValueError(f"k={k} must be in [1, N={n}]")
     if features.shape[0] == 0:
         return torch.empty(0, k, dtype=torch.long, device=features.device)
-    if _resolve_backend(backend, features) == "triton":
-        return _load_kernel("divprune", "divprune_order")(features, k)
-    return _ref_divprune.divprune_order(features, k)
+    return _dispatch(
+        backend,
+        features,
+        "divprune",
+        "divprune_order",
+        lambda kernel: kernel(features, k),
+        lambda: _ref_divprune.divprune_order(features, k),
+    )

@@ -265,6 +265,30 @@ class ScriptModelMixin:
             self.script_clip = self._script_load_clip(
                 self.script_server_settings.clip_path, vllm_config.device_config.device
             )
+        self._script_warm_up(vllm_config)
+
+    def _script_warm_up(self, vllm_config: object) -> None:
+        """Choose the selection backend and compile / run its kernels once (vllm_script.warmup):
+        no request pays a JIT compile, and a kernel that fails stops start-up with a
+        message naming it."""
+        from vllm_script import ops
+        from vllm_script.warmup import warm_up
+
+        settings = self.script_server_settings
+        ops.set_default_backend(None if settings.backend == "auto" else settings.backend)
+        model_config = vllm_config.model_config
+        hidden = model_config.hf_config.get_text_config().hidden_size
+        device = torch.device(vllm_config.device_config.device)
+        timings = warm_up(device, model_config.dtype, hidden)
+        if timings:
+            logger.info(
+                "vllm-script: selection backend %s on %s; kernels compiled and run once in "
+                "%.1f s (%s)",
+                ops.default_backend(),
+                device,
+                sum(t for _, t in timings),
+                ", ".join(f"{name} {t:.1f} s" for name, t in timings),
+            )
 
     def _script_load_clip(self, path: str, device: object):
         """Load and check the CLIP checkpoint (text tower + projections) once per worker.
