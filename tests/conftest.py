@@ -7,6 +7,12 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
+# a source checkout run without installing the project (the GPU check machine)
+sys.path.insert(0, str(Path(__file__).parents[1]))
+from vllm_script._source_tree import map_kernels  # noqa: E402
+
+map_kernels()
+
 
 @pytest.fixture(scope="session")
 def tiny_llava(tmp_path_factory) -> Path:

@@ -47,7 +47,8 @@ def greedy_one(
 
     if k == 0:
         return torch.empty(0, dtype=torch.long)
-    features, quality, eligible = features.cpu(), quality.cpu(), eligible.cpu()
+    features, quality = features.detach().cpu(), quality.detach().cpu()
+    eligible = eligible.cpu()
     sq = sumsq(features)
     w = token_scale(sq, quality)
     diag = (sq * w) * w
