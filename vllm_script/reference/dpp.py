@@ -103,17 +103,15 @@ def _dots(features: torch.Tensor, rows: torch.Tensor | None, cols: torch.Tensor)
     return out
 
 
-# Threads the twin uses on CPU (restored on exit). Its lazy queue runs a dozen tiny ops
-# and skinny GEMMs per step: OpenMP fork/join costs more than the ops, and idle workers
-# spin and steal the core. Measured at N=2880, D=4096, K=320 on this project's 2-core CPU
-# (shared): 0.27 s on one thread, 1.0-1.8 s on two (even with only the commit GEMMs on two).
+# Threads the PyTorch lazy queue uses on CPU (restored on exit): it runs a dozen tiny ops
+# and skinny GEMMs per step, where OpenMP fork/join costs more than the ops and idle
+# workers spin and steal the core (benchmarks/bench_kernels.py, rows torch-lazy, --threads).
 CPU_THREADS = 1
 
-# Up to this many tokens per image the materialised loop (one N x N GEMM on every thread,
-# then K steps over rows of L) beats the lazy queue: measured on this project's 2-core
-# CPU, N=576, D=1024: K=64 6.3 ms vs 11.6 ms, K=192 11.3 ms vs 37.8 ms; N=1152, K=128
-# 20.6 ms vs 34 ms. Same picks (same arithmetic and tie rule). At N=2880 the lazy queue
-# wins (0.27 s vs 0.78 s), and its memory stays O(N (K + D)).
+# Without the compiled path, up to this many tokens per image the materialised loop (one
+# N x N GEMM, then K steps over rows of L) is the faster PyTorch path; above it the lazy
+# queue, whose memory stays O(N (K + D)) (bench_kernels.py rows torch-loop / torch-lazy).
+# Same picks either way (same arithmetic and tie rule).
 MATERIALISE_MAX_N = 2048
 
 
