@@ -3,8 +3,9 @@
 Twin (oracle and CPU path): `vllm_script.methods.divprune.divprune_order`, same rule:
 the first pick is the token whose nearest other token is farthest (`argmax_i min_{j != i}
 (1 - S_ij)`), then repeatedly the unpicked token with the largest distance to its nearest
-picked token; ties to the lowest index (exact maxima, no tie window). `S_ij = ((f_i . f_j)
-r_i) r_j`, `r = 1 / max(||f||, 1e-12)`, fp32 accumulation (see `kernels.dpp.dot_mode`).
+picked token; ties (within `TIE_ATOL`) to the lowest index. `S_ij = (f_i . f_j) (r_i r_j)`,
+symmetric whenever the dots are, `r = 1 / max(||f||, 1e-12)`, fp32 accumulation (see
+`kernels.dpp.dot_mode`).
 
 Plan: inverse norms; the Gram matrices F F^T (`kernels.dpp._dpp_gram_kernel`) while they
 fit `kernels.dpp.gram_max_bytes()`, else rows on the fly; `_divprune_nn_kernel` gives each
@@ -39,7 +40,10 @@ from vllm_script.kernels.launch import (
     recording,
 )
 
+from vllm_script.reference.divprune import TIE_ATOL
+
 _NO_PICK = tl.constexpr(2147483647)
+_TIE_ATOL = tl.constexpr(TIE_ATOL)
 
 
 @triton.jit(do_not_specialize=["N", "NT_CAP"])
@@ -88,7 +92,8 @@ def _divprune_nn_kernel(
                 )
                 b_dot = _tile_dot(b_a, b_bt, b_dot, DOT_MODE)
         b_inv_n = tl.load(inv_ptr + bos + o_n, mask=m_n, other=0.0)
-        b_sim = (b_dot * b_inv_m[:, None]) * b_inv_n[None, :]
+        # dot * (r_i r_j): the same value for (i, j) and (j, i) when the dots are
+        b_sim = b_dot * (b_inv_m[:, None] * b_inv_n[None, :])
         m_other = m_n[None, :] & (o_m[:, None] != o_n[None, :])
         b_max = tl.maximum(b_max, tl.max(tl.where(m_other, b_sim, float("-inf")), axis=1))
     b_score = 1.0 - b_max
@@ -129,13 +134,13 @@ def _divprune_step_kernel(
     s_in = score_ptr + (t % 2) * T + bos
     s_out = score_ptr + ((t + 1) % 2) * T + bos
     p_in = pval_ptr + (t % 2) * B_CAP * NT_CAP + i_b * NT_CAP
-    best = _reduce_max(p_in, nt, BLOCK_NT)
+    thr = _reduce_max(p_in, nt, BLOCK_NT) - _TIE_ATOL
     j = tl.full([], _NO_PICK, tl.int32)
     for it in range(0, nt):
-        if tl.load(p_in + it) >= best:
+        if tl.load(p_in + it) >= thr:
             o_s = it * BLOCK_N + tl.arange(0, BLOCK_N)
             b_ss = tl.load(s_in + o_s, mask=o_s < N, other=float("-inf"))
-            j = tl.minimum(j, tl.min(tl.where(b_ss >= best, o_s, _NO_PICK), axis=0))
+            j = tl.minimum(j, tl.min(tl.where(b_ss >= thr, o_s, _NO_PICK), axis=0))
     j = tl.minimum(j, N - 1)  # never address outside the image
     if i_t == 0:
         tl.store(order_ptr + i_b * K + t, j.to(tl.int64))
@@ -154,7 +159,7 @@ def _divprune_step_kernel(
             b_fj = tl.load(f_ptr + (bos + j) * D + o_d, mask=m_d, other=0.0).to(tl.float32)
             b_dot += tl.sum(b_f * b_fj[None, :], axis=1)
     b_inv = tl.load(inv_ptr + bos + o_n, mask=m_n, other=0.0)
-    b_dist = 1.0 - (b_dot * b_inv) * tl.load(inv_ptr + bos + j)
+    b_dist = 1.0 - b_dot * (b_inv * tl.load(inv_ptr + bos + j))
     b_md = tl.minimum(tl.load(md_ptr + bos + o_n, mask=m_n, other=0.0), b_dist)
     tl.store(md_ptr + bos + o_n, b_md, mask=m_n)
     b_prev = tl.load(s_in + o_n, mask=m_n, other=float("-inf"))

@@ -414,17 +414,20 @@ def _select_group(
     b_cap = triton.next_power_of_2(bsz) if on_gpu else bsz
     steps = triton.cdiv(max_k, STEP_BUCKET) * STEP_BUCKET if on_gpu else max_k
 
-    # the group's rows, packed; cu / k / offsets padded to the bucket (empty images)
-    packed = [sum(lengths[:b]) for b in range(bsz)]
-    if starts == packed and starts[-1] + lengths[-1] == len(features):
-        feats = features
-        q_in, c_in = rel, cand
+    # the group's rows, packed (a view when they are consecutive, as in a batch split into
+    # groups); cu / k / offsets padded to the bucket (empty images)
+    ends = [s + n for s, n in zip(starts, lengths, strict=True)]
+    if starts[1:] == ends[:-1]:
+        rows = slice(starts[0], ends[-1])
+        feats = features[rows]
+        q_in = None if rel is None else rel[rows]
+        c_in = None if cand is None else cand[rows]
     else:
-        spans = zip(starts, lengths, strict=True)
-        rows = torch.cat([torch.arange(s, s + n, device=device) for s, n in spans])
-        feats = features.index_select(0, rows)
-        q_in = None if rel is None else rel.index_select(0, rows)
-        c_in = None if cand is None else cand.index_select(0, rows)
+        spans = zip(starts, ends, strict=True)
+        idx = torch.cat([torch.arange(s, e, device=device) for s, e in spans])
+        feats = features.index_select(0, idx)
+        q_in = None if rel is None else rel.index_select(0, idx)
+        c_in = None if cand is None else cand.index_select(0, idx)
     total = sum(lengths)
     cu_host = [0]
     for n_b in lengths:

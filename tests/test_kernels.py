@@ -365,3 +365,42 @@ def test_divprune_gpu_large(dtype):
         got = kdiv.divprune_order(f.cuda(), 320, materialize=materialize).cpu()
         for b in range(3):
             assert contract.divprune_violations(f[b].cuda(), got[b].tolist()) == [], b
+
+
+# ---- the GPU path's host logic, run on CPU under the interpreter ----------------------
+
+
+def test_gram_groups_by_hand():
+    # 4-byte N^2 matrices: 10x10 = 400 B, 20x20 = 1600 B
+    assert kdpp.gram_groups([10, 10, 20, 10], 2000) == [[0, 1], [2, 3]]  # 800, 1600 + 400
+    assert kdpp.gram_groups([10, 10, 20, 10], 1999) == [[0, 1], [2], [3]]
+    assert kdpp.gram_groups([10, 10, 10], 1200) == [[0, 1, 2]]
+    assert kdpp.gram_groups([30], 100) == [[0]]  # alone in its group even when too large
+
+
+@pytest.mark.parametrize("kernel", ["dpp", "divprune"])
+def test_gpu_host_path_on_cpu(monkeypatch, kernel):
+    """The GPU decisions (MMA tiles, power-of-two grid buckets with padded images, steps
+    rounded up, batch split by the Gram budget, graph capture falling back to host
+    launches when it fails) run through the interpreter: same picks as the twin."""
+    from vllm_script.kernels import launch as klaunch
+
+    monkeypatch.setattr(kdpp, "gpu_path", lambda device: True)
+    monkeypatch.setattr(kdpp, "gram_max_bytes", lambda: 2 * 150 * 150 * 4)  # two per group
+    monkeypatch.setattr(kdpp, "_GRAPHS", klaunch.StepGraphs("test"))
+    monkeypatch.setattr(kdiv, "gpu_path", lambda device: True)
+    monkeypatch.setattr(kdiv, "gram_max_bytes", lambda: 2 * 150 * 150 * 4)
+    monkeypatch.setattr(kdiv, "_GRAPHS", klaunch.StepGraphs("test"))
+    monkeypatch.setattr(kbip, "gpu_path", lambda device: True)
+    f = _features(5, 150, 24, dups=False, seed=21)  # fp32: no duplicate ties under tl.dot
+    rel = torch.rand(5, 150, generator=torch.Generator().manual_seed(22))
+    if kernel == "dpp":
+        got = kdpp.dpp_greedy_map(f, rel, 40)  # 5 images -> groups of 2, 2, 1
+        want = rdpp.dpp_greedy_map(f, rel, 40)
+        graphs = kdpp._GRAPHS
+    else:
+        got = kdiv.divprune_order(f, 40)
+        want = rdiv.divprune_order(f, 40)
+        graphs = kdiv._GRAPHS
+    assert torch.equal(got, want)
+    assert graphs.disabled  # no CUDA here: capture failed once, host launches since

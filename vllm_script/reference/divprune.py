@@ -4,8 +4,10 @@ CPU path and oracle of the Triton kernel (`vllm_script.kernels.divprune`). Rule 
 CVPR 2025, as the authors' code orders it): the first pick is the token whose nearest other
 token is farthest, `argmax_i min_{j != i} (1 - S_ij)`; then repeatedly the unpicked token
 with the largest distance to its nearest picked token, kept as a running minimum. Ties go
-to the lowest index (`argmax` returns the first maximum). `S` is the cosine similarity of
-the rows in fp32 (rows L2-normalised, then dot products).
+to the lowest index, where scores within `TIE_ATOL` of the best count as ties: the two
+tokens of a mutual nearest pair have equal scores in exact arithmetic, and fp32 rounding
+(S_ij and S_ji summed in different places on a GPU) must not break that tie at random.
+`S` is the cosine similarity of the rows in fp32 (rows L2-normalised, then dot products).
 """
 
 from __future__ import annotations
@@ -17,6 +19,14 @@ import torch.nn.functional as F
 # most this much; above it, one [B, N] row per pick (memory-bound, O(N) extra memory).
 MATERIALIZE_MAX_BYTES = 256 * 2**20
 TILE = 1024  # rows of the similarity matrix formed at once for the first pick (row path)
+# Distances (in [0, 2]) within this of the best are a tie, won by the lowest index.
+TIE_ATOL = 1e-6
+
+
+def first_best(score: torch.Tensor) -> torch.Tensor:
+    """[B, N] -> [B] int64: the lowest index whose score is within TIE_ATOL of the row's best."""
+    best = score.amax(dim=1, keepdim=True)
+    return (score >= best - TIE_ATOL).to(torch.uint8).argmax(dim=1)
 
 
 def nearest_neighbor_distance(features: torch.Tensor, tile: int = TILE) -> torch.Tensor:
@@ -53,15 +63,15 @@ def divprune_order(
     if materialize:
         sim = x @ x.transpose(1, 2)
         eye = torch.eye(n, dtype=torch.bool, device=device)
-        order[:, 0] = (1.0 - sim.masked_fill(eye, float("-inf")).amax(dim=2)).argmax(dim=1)
+        order[:, 0] = first_best(1.0 - sim.masked_fill(eye, float("-inf")).amax(dim=2))
     else:
         sim = None
-        order[:, 0] = nearest_neighbor_distance(x, tile).argmax(dim=1)
+        order[:, 0] = first_best(nearest_neighbor_distance(x, tile))
     min_dist = torch.full((bsz, n), float("inf"), device=device)
     picked = torch.zeros(bsz, n, dtype=torch.bool, device=device)
     for t in range(k):
         if t:
-            order[:, t] = min_dist.masked_fill(picked, float("-inf")).argmax(dim=1)
+            order[:, t] = first_best(min_dist.masked_fill(picked, float("-inf")))
         j = order[:, t]
         picked[batch, j] = True
         row = sim[batch, j] if sim is not None else torch.einsum("bnd,bd->bn", x, x[batch, j])
