@@ -14,12 +14,16 @@ from __future__ import annotations
 
 import base64
 import json
+import re
+import subprocess
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
 from server_utils import (
     SERVER_SETTINGS,
+    VLLM_SCRIPT,
     N,
     image_url,
     messages,
@@ -356,6 +360,64 @@ def test_start_up_log_states_the_pruning_settings(server):
     assert lines, log[-3000:]
     assert '"budget":64' in lines[0] and '"method":"script"' in lines[0]
     assert '"max_budget":256' in lines[0]
+
+
+# -- the `vllm bench serve` recipe of docs/serving.md -------------------------------------
+
+SERVING_MD = Path(__file__).resolve().parents[1] / "docs" / "serving.md"
+RECIPE_PROMPTS = 8
+OUTPUT_LEN = 16  # the recipe's --random-output-len (with --ignore-eos)
+
+
+def recipe_script(base_url: str, model_dir: str, result_dir: Path) -> str:
+    """The recipe's client block from docs/serving.md, pointed at this server."""
+    text = SERVING_MD.read_text()
+    marker = text.index("<!-- bench-serve-recipe")
+    block = re.search(r"```bash\n(.*?)```", text[marker:], re.S).group(1)
+    first, rest = block.split("\n", 1)
+    assert first.startswith("URL="), first
+    assert "--result-dir results" in rest and ".venv/bin/vllm-script" in rest
+    rest = rest.replace("--result-dir results", f"--result-dir {result_dir}")
+    rest = rest.replace(".venv/bin/vllm-script", str(VLLM_SCRIPT))
+    return f"URL={base_url} MODEL={model_dir} PROMPTS={RECIPE_PROMPTS}\n{rest}"
+
+
+@pytest.mark.e2e
+def test_bench_serve_recipe(server, tmp_path):
+    """The documented `vllm bench serve` pair (pruned, then unpruned on a new seed) runs
+    against the server; its token counts and /metrics agree with the count rule."""
+    before = metrics.parse_metrics(server.get("/metrics"))
+    script = recipe_script(server.base_url, server.model_dir, tmp_path / "results")
+    out = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", script],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert out.stdout.count("Successful requests:") == 2, out.stdout[-3000:]
+    pruned, unpruned = (
+        json.loads((tmp_path / "results" / f"{name}.json").read_text())
+        for name in ("pruned", "unpruned")
+    )
+    for result in (pruned, unpruned):
+        assert (result["completed"], result["failed"]) == (RECIPE_PROMPTS, 0)
+        assert result["total_output_tokens"] == RECIPE_PROMPTS * OUTPUT_LEN
+    saved = unpruned["total_input_tokens"] - pruned["total_input_tokens"]
+    assert saved == RECIPE_PROMPTS * (N - BUDGET)
+
+    after = metrics.parse_metrics(server.get("/metrics"))
+
+    def delta(name, method):
+        key = (f"{name}_total", method)
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    assert delta(metrics.IMAGES, "script") == RECIPE_PROMPTS
+    assert delta(metrics.KEPT, "script") == RECIPE_PROMPTS * BUDGET
+    assert delta(metrics.PRUNED, "script") == RECIPE_PROMPTS * (N - BUDGET)
+    assert delta(metrics.KEPT, "none") == RECIPE_PROMPTS * N
+    assert delta(metrics.PRUNED, "none") == 0
 
 
 # -- metrics module (no server) -----------------------------------------------------------
