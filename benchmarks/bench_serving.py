@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/bench_serving.py            # full run (~4-5 min on 2 cores)
     .venv/bin/python benchmarks/bench_serving.py --quick    # smoke check (~1-2 min)
-    .venv/bin/python benchmarks/make_readme_table.py        # CSV -> README table
+    .venv/bin/python benchmarks/make_readme_table.py        # CSVs -> README tables
 
 One engine serves every setting: the server-wide `script` setting only enables the
 plugin; each request picks its own `{"method": m, "budget": b}` (or `{"method": "none"}`)

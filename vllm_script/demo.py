@@ -49,6 +49,7 @@ CSV_COLUMNS = [
     "model",
     "machine",
     "machine_desc",
+    "load_avg",
     "when",
 ]
 
@@ -227,6 +228,8 @@ def _run(args: argparse.Namespace, say, *, interactive: bool) -> list[dict]:
 
     text_tokens = run(99, QUESTIONS[0], {"method": "none"})[0] - IMAGE_TOKENS
     machine, machine_desc = machine_label()
+    # other work on the machine slows every request: the file says how busy it was
+    load_avg = round(os.getloadavg()[0], 1) if hasattr(os, "getloadavg") else ""
     when = datetime.datetime.now().isoformat(timespec="seconds")
     rows = []
     for setting, method, budget in (
@@ -247,6 +250,7 @@ def _run(args: argparse.Namespace, say, *, interactive: bool) -> list[dict]:
                 "model": ", ".join(f"{k} {v}" for k, v in sizes.items()),
                 "machine": machine,
                 "machine_desc": machine_desc,
+                "load_avg": load_avg,
                 "when": when,
             }
         )
