@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/bench_serving.py            # full run (~4-5 min on 2 cores)
     .venv/bin/python benchmarks/bench_serving.py --quick    # smoke check (~1-2 min)
-    .venv/bin/python benchmarks/make_readme_table.py        # CSV -> README table
+    .venv/bin/python benchmarks/make_readme_table.py        # CSVs -> README tables
 
 One engine serves every setting: the server-wide `script` setting only enables the
 plugin; each request picks its own `{"method": m, "budget": b}` (or `{"method": "none"}`)
@@ -73,6 +73,8 @@ import time
 from collections import deque
 from pathlib import Path
 
+from vllm_script.testing import model_preset
+
 ALL_METHODS = ["script", "gsp", "qcsp", "trim", "prumerge+", "divprune", "uniform"]
 BUDGETS = [192, 128, 64]
 QUICK_BUDGETS = [128, 64]
@@ -84,14 +86,7 @@ GEOMETRIES = {
     "llava15": (336, BUDGETS, 2048),
     "llava-next": (672, [320], 4096),
 }
-MODEL = {
-    "text_hidden": 1024,
-    "text_layers": 8,
-    "head_dim": 128,
-    "init_std": 0.02,
-    "vision_hidden": 256,
-    "vision_layers": 4,
-}
+MODEL = model_preset("bench")  # vllm_script.testing.MODEL_PRESETS: the benchmark model
 QUESTIONS = [
     "what is in the image?",
     "how many people are there?",

@@ -65,6 +65,7 @@ import math
 import re
 import string
 import sys
+import tempfile
 from pathlib import Path
 
 DEFAULT_TEMPLATE = "USER: <image>\n{question} ASSISTANT:"
@@ -246,7 +247,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--model", required=True, help="a LLaVA-1.5 checkpoint")
+    parser.add_argument(
+        "--model",
+        required=True,
+        help="a LLaVA-1.5 checkpoint, or a model preset name (tiny, small, bench: "
+        "vllm_script.testing.MODEL_PRESETS) for a built-in random one (plumbing checks)",
+    )
     parser.add_argument("--data", required=True, help="JSONL dataset (see above)")
     parser.add_argument("--methods", default="script,gsp,qcsp", help="comma-separated")
     parser.add_argument("--budgets", default="192,128,64", help="comma-separated")
@@ -265,7 +271,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.budgets = [int(b) for b in args.budgets.split(",") if b.strip()]
     if "{question}" not in args.template or "<image>" not in args.template:
         parser.error("--template needs {question} and <image>")
+    args.model = resolve_model(args.model)
     return args
+
+
+def resolve_model(name: str) -> str:
+    """A checkpoint path or hub id as given; a preset name (and no such directory) ->
+    the built-in random LLaVA-1.5 checkpoint of that size, written once."""
+    from vllm_script.testing import MODEL_PRESETS, model_preset, write_tiny_llava
+
+    if name not in MODEL_PRESETS or Path(name).exists():
+        return name
+    path = Path(tempfile.gettempdir()) / f"vllm-script-{name}-llava"
+    return str(write_tiny_llava(path, **model_preset(name)))
 
 
 def main(argv: list[str] | None = None, llm=None) -> list[dict]:

@@ -1,10 +1,20 @@
-"""Turn a serving-benchmark CSV into a markdown table inside README.md.
+"""Write the tables of README.md and docs/serving.md from the result files they name.
 
-    .venv/bin/python benchmarks/make_readme_table.py [CSV] [--readme README.md] [--print]
+    .venv/bin/python benchmarks/make_readme_table.py            # rewrite every table
+    .venv/bin/python benchmarks/make_readme_table.py --check    # exit 1 if one is stale
+    .venv/bin/python benchmarks/make_readme_table.py CSV --print  # one serving table
 
-CSV defaults to the newest benchmarks/results/serving_*.csv. The table replaces whatever
-is between the `<!-- serving-table:start -->` and `<!-- serving-table:end -->` lines of
-the README (both must be there, once each); `--print` prints it instead.
+Every figure those documents quote from a run sits in a generated block:
+
+    <!-- generated: KIND PATH -->
+    ...
+    <!-- generated: end -->
+
+PATH is a result file in this repository and KIND how it is rendered: `serving`
+(benchmarks/bench_serving.py's CSV), `demo` (`python -m vllm_script.demo --out`),
+`server-load` (tests/test_server_load.py's CSV). A new result file (another machine,
+another geometry) gets its own block: add the two marker lines and run this script.
+tests/test_docs_tables.py fails while a block differs from its file.
 """
 
 from __future__ import annotations
@@ -12,12 +22,15 @@ from __future__ import annotations
 import argparse
 import csv
 import math
+import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-START = "<!-- serving-table:start -->"
-END = "<!-- serving-table:end -->"
+DOCS = [ROOT / "README.md", ROOT / "docs" / "serving.md"]
+BLOCK = re.compile(r"<!-- generated: (\S+) (\S+) -->\n(.*?)<!-- generated: end -->", re.S)
+GENERATED_BY = "by `benchmarks/make_readme_table.py`"
 
 # (CSV column, header, format)
 TABLE = [
@@ -89,40 +102,109 @@ def render_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def replace_block(text: str, table: str) -> str:
-    """`text` with everything between the START and END marker lines replaced by `table`."""
-    if text.count(START) != 1 or text.count(END) != 1:
-        raise ValueError(f"the README needs exactly one {START} and one {END} line")
-    head, rest = text.split(START, 1)
-    _, tail = rest.split(END, 1)
-    if not head.endswith("\n") and head:
-        head += "\n"
-    return f"{head}{START}\n{table}\n{END}{tail}"
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        raise ValueError(f"{path}: no rows")
+    return rows
 
 
-def newest_csv() -> Path:
-    found = sorted(
-        (ROOT / "benchmarks" / "results").glob("serving_*.csv"), key=lambda p: p.stat().st_mtime
+def render_demo(path: Path) -> str:
+    """`python -m vllm_script.demo --out` CSV -> the lines the demo printed, and where from."""
+    from vllm_script.demo import format_table, read_rows
+
+    rows = read_rows(path)
+    on = rows[1]
+    return (
+        f"Machine: {on['machine_desc']}. Model: built-in random LLaVA-1.5 geometry, preset "
+        f"`{on['size']}` ({on['model']}). Median of {on['requests']} requests per setting, "
+        f"a fresh image each, prefix caching off; run {on['when']}, 1-minute load "
+        f"average {on.get('load_avg') or '?'} at the end. Generated from "
+        f"`{path.relative_to(ROOT)}` {GENERATED_BY}.\n\n```\n{format_table(rows)}\n```"
     )
-    if not found:
-        raise SystemExit("no benchmarks/results/serving_*.csv; run benchmarks/bench_serving.py")
-    return found[-1]
 
 
-def main(argv: list[str] | None = None) -> None:
+LOAD_TABLE = [
+    ("phase", "phase", "s"),
+    ("requests", "requests", "d"),
+    ("concurrency", "in flight", "d"),
+    ("requests_per_s", "req/s", ".1f"),
+    ("ttft_mean_ms", "TTFT mean (ms)", ".0f"),
+    ("ttft_p90_ms", "TTFT p90 (ms)", ".0f"),
+    ("mean_prompt_tokens", "prompt tokens (mean)", ".0f"),
+]
+
+
+def render_server_load(path: Path) -> str:
+    """tests/test_server_load.py's CSV -> a table (subset rows share the burst's req/s)."""
+    rows = read_csv(path)
+    lines = [
+        f"Machine: {rows[0].get('machine', '?')}; run {rows[0].get('when', '?')}. "
+        f"Generated from `{path.relative_to(ROOT)}` {GENERATED_BY}.",
+        "",
+        "| " + " | ".join(header for _, header, _ in LOAD_TABLE) + " |",
+        "|" + "|".join("---" if fmt == "s" else "---:" for _, _, fmt in LOAD_TABLE) + "|",
+    ]
+    for row in rows:
+        cells = [_cell(str(row.get(col, "")), fmt) for col, _, fmt in LOAD_TABLE]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+RENDERERS: dict[str, Callable[[Path], str]] = {
+    "serving": lambda path: render_table(read_rows(path)),
+    "demo": render_demo,
+    "server-load": render_server_load,
+}
+
+
+def render_block(kind: str, rel_path: str) -> str:
+    if kind not in RENDERERS:
+        raise ValueError(f"unknown generated-block kind {kind!r}; allowed: {sorted(RENDERERS)}")
+    return RENDERERS[kind](ROOT / rel_path).rstrip("\n") + "\n"
+
+
+def regenerate(text: str, render: Callable[[str, str], str] = render_block) -> str:
+    """`text` with the body of every generated block replaced by `render(kind, path)`."""
+
+    def replace(match: re.Match) -> str:
+        kind, path = match.group(1), match.group(2)
+        return f"<!-- generated: {kind} {path} -->\n{render(kind, path)}<!-- generated: end -->"
+
+    return BLOCK.sub(replace, text)
+
+
+def blocks(text: str) -> list[tuple[str, str, str]]:
+    """(kind, path, body) of every generated block in `text`."""
+    return [(m.group(1), m.group(2), m.group(3)) for m in BLOCK.finditer(text)]
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("csv", nargs="?", default=None)
-    parser.add_argument("--readme", default=str(ROOT / "README.md"))
-    parser.add_argument("--print", action="store_true", help="print the table only")
+    parser.add_argument("csv", nargs="?", default=None, help="with --print: a serving CSV")
+    parser.add_argument("--print", action="store_true", help="print CSV's serving table only")
+    parser.add_argument("--check", action="store_true", help="exit 1 if a table is stale")
     args = parser.parse_args(argv)
-    table = render_table(read_rows(Path(args.csv) if args.csv else newest_csv()))
-    if args.print:
-        print(table)
-        return
-    readme = Path(args.readme)
-    readme.write_text(replace_block(readme.read_text(), table))
-    print(f"updated {readme}")
+    if args.print or args.csv:
+        if not (args.print and args.csv):
+            parser.error("CSV and --print go together")
+        print(render_table(read_rows(Path(args.csv))))
+        return 0
+    stale = []
+    for doc in DOCS:
+        text = doc.read_text()
+        new = regenerate(text)
+        if new != text:
+            stale.append(doc)
+            if not args.check:
+                doc.write_text(new)
+        print(
+            f"{'stale' if args.check and new != text else 'ok' if new == text else 'updated'}"
+            f": {doc.relative_to(ROOT)} ({len(blocks(text))} generated blocks)"
+        )
+    return 1 if args.check and stale else 0
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(main(sys.argv[1:]))

@@ -16,23 +16,25 @@ map_kernels()
 
 @pytest.fixture(scope="session")
 def tiny_llava(tmp_path_factory) -> Path:
-    from vllm_script.testing import write_tiny_llava
+    from vllm_script.testing import model_preset, write_tiny_llava
 
-    return write_tiny_llava(tmp_path_factory.mktemp("ckpt") / "tiny-llava")
+    return write_tiny_llava(tmp_path_factory.mktemp("ckpt") / "tiny-llava", **model_preset("tiny"))
 
 
 @pytest.fixture(scope="session")
 def tiny_llava_next(tmp_path_factory) -> Path:
-    from vllm_script.testing import write_tiny_llava_next
+    from vllm_script.testing import model_preset, write_tiny_llava_next
 
-    return write_tiny_llava_next(tmp_path_factory.mktemp("ckpt") / "tiny-llava-next")
+    path = tmp_path_factory.mktemp("ckpt") / "tiny-llava-next"
+    return write_tiny_llava_next(path, **model_preset("tiny"))
 
 
 @pytest.fixture(scope="session")
 def tiny_qwen(tmp_path_factory) -> Path:
-    from vllm_script.testing import write_tiny_qwen2_5_vl
+    from vllm_script.testing import model_preset, write_tiny_qwen2_5_vl
 
-    return write_tiny_qwen2_5_vl(tmp_path_factory.mktemp("ckpt") / "tiny-qwen2.5-vl")
+    path = tmp_path_factory.mktemp("ckpt") / "tiny-qwen2.5-vl"
+    return write_tiny_qwen2_5_vl(path, **model_preset("tiny"))
 
 
 @pytest.fixture(scope="module")

@@ -70,6 +70,7 @@ class VllmServer:
         self.env.update(env or {})
         self.log_path = Path(tempfile.mkstemp(prefix="vllm-server-", suffix=".log")[1])
         self.proc: subprocess.Popen | None = None
+        self.startup_metrics = ""
 
     # -- lifecycle ----------------------------------------------------------------------
     def start(self, timeout: float = 300) -> VllmServer:
@@ -89,6 +90,8 @@ class VllmServer:
                     f"server exited with code {self.proc.returncode}:\n{self.log_tail()}"
                 )
             if self.healthy():
+                # what /metrics said before any request: start-up traffic must not count
+                self.startup_metrics = self.get("/metrics")
                 return self
             time.sleep(1)
         self.stop()
@@ -171,17 +174,18 @@ def run_server_expecting_failure(
     raise AssertionError(f"server started with bad settings {settings!r}")
 
 
-_URL_CACHE: dict[tuple[int, int], str] = {}
+_URL_CACHE: dict[tuple[int, int, int], str] = {}
 
 
-def image_url(seed: int, size: int = 336) -> str:
-    """A base64 PNG data URL of `vllm_script.testing.random_image(seed)`."""
-    key = (seed, size)
+def image_url(seed: int, size: int = 336, height: int | None = None) -> str:
+    """A base64 PNG data URL of `vllm_script.testing.random_image(seed)`, `size` px wide
+    and `height` (default: `size`) px high."""
+    key = (seed, size, size if height is None else height)
     if key not in _URL_CACHE:
         from vllm_script.testing import random_image
 
         buf = io.BytesIO()
-        random_image(seed, size, size).save(buf, format="PNG")
+        random_image(*key).save(buf, format="PNG")
         _URL_CACHE[key] = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
     return _URL_CACHE[key]
 

@@ -117,19 +117,6 @@ def test_readme_table_from_csv(tmp_path):
     assert body[1][col["max concurrent reqs"]] == "512"
 
 
-def test_readme_block_replacement():
-    text = "intro\n<!-- serving-table:start -->\nold\nold\n<!-- serving-table:end -->\noutro\n"
-    out = table.replace_block(text, "| new |")
-    assert (
-        out == "intro\n<!-- serving-table:start -->\n| new |\n<!-- serving-table:end -->\noutro\n"
-    )
-    assert table.replace_block(out, "| new |") == out  # idempotent
-    with pytest.raises(ValueError):
-        table.replace_block("no markers here", "| t |")
-    with pytest.raises(ValueError):
-        table.replace_block(text + text, "| t |")
-
-
 def test_readme_table_rejects_incomplete_csv(tmp_path):
     path = tmp_path / "bad.csv"
     path.write_text("method,budget\nnone,576\n")

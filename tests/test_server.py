@@ -1,27 +1,38 @@
 """The OpenAI-compatible server (the README's CPU route) with the plugin, over loopback.
 
 One server per module: `vllm-script serve` on the tiny checkpoint, server-wide Script
-budget 64 (max_budget 256), `--trust-request-mm-kwargs`; the `openai` client talks to
-it. Covers images as base64 data URLs, streaming and non-streaming, per-request
-settings through `extra_body`, `usage.prompt_tokens`, bad input (4xx naming the problem,
-the server keeps serving), bad server settings (start-up refused) and `/metrics`.
+budget 64 (max_budget 256), `--trust-request-mm-kwargs`, the default
+`request_kwargs: "script-only"`; the `openai` client talks to it. Covers images as
+base64 data URLs, streaming and non-streaming, per-request settings through
+`extra_body`, `usage.prompt_tokens`, bad input (4xx naming the problem, the server keeps
+serving), per-request values at the edges of each allowed range (served normally),
+processor kwargs other than `script` (refused), bad server settings (start-up refused),
+`/metrics` and the start-up log line.
 """
 
 from __future__ import annotations
 
 import base64
-import inspect
+import json
+import re
+import subprocess
+import urllib.error
+import urllib.request
+from pathlib import Path
 
 import pytest
 from server_utils import (
     SERVER_SETTINGS,
+    VLLM_SCRIPT,
     N,
+    image_url,
     messages,
     run_server_expecting_failure,
     script_kwargs,
 )
 
 from vllm_script import metrics
+from vllm_script.config import METHODS
 
 BUDGET = SERVER_SETTINGS["budget"]
 QUESTION = "what is in the image?"
@@ -149,6 +160,38 @@ BAD_REQUESTS = {
     "not-an-object": ({"mm_processor_kwargs": {"script": [64]}}, (), "must be an object"),
     "corrupt-image": (None, (CORRUPT_PNG,), "image"),
     "bad-base64": (None, ("data:image/png;base64,@@@not-base64@@@",), "base64"),
+    # settings of the wrong type: the same named-key message as other bad values
+    "method-list": (script_kwargs(method=["script"]), (), "script.method"),
+    "method-dict": (script_kwargs(method={"name": "script"}), (), "script.method"),
+    "budget-list": (script_kwargs(budget=[64]), (), "script.budget"),
+    "budget-dict": (script_kwargs(budget={"k": 64}), (), "script.budget"),
+    "budget-bool": (script_kwargs(budget=True), (), "script.budget"),
+    "budget-huge-int": (script_kwargs(budget=10**30), (), "script.budget"),
+    "theta-str": (script_kwargs(theta="0.5"), (), "script.theta"),
+    "theta-null": (script_kwargs(theta=None), (), "script.theta"),
+    "tau-list": (script_kwargs(tau=[0.1]), (), "script.tau"),
+    "gamma-bool": (script_kwargs(gamma=True), (), "script.gamma"),
+    "gamma>20": (script_kwargs(gamma=20.000001), (), "script.gamma"),
+    "relevance-list": (script_kwargs(relevance=["llm"]), (), "script.relevance"),
+    "negate_relevance-str": (script_kwargs(negate_relevance="yes"), (), "script.negate_relevance"),
+    "nested-script": ({"mm_processor_kwargs": {"script": {"script": {}}}}, (), "script.script"),
+    # issue 15: image-processor kwargs that kill vanilla vLLM's engine on LLaVA-1.5 (a pixel
+    # tensor of the wrong shape reaches the worker); refused under "script-only"
+    "do_resize+do_center_crop-1x1": (
+        {"mm_processor_kwargs": {"do_resize": False, "do_center_crop": False}},
+        (image_url(3, 1),),
+        "'do_center_crop', 'do_resize'",
+    ),
+    "do_center_crop-336x500": (
+        {"mm_processor_kwargs": {"do_center_crop": False}},
+        (image_url(4, 336, 500),),
+        "'do_center_crop'",
+    ),
+    "script-and-another-kwarg": (
+        {"mm_processor_kwargs": {"script": {"budget": 32}, "do_normalize": False}},
+        (),
+        "'do_normalize'",
+    ),
 }
 
 
@@ -168,6 +211,91 @@ def test_bad_request_is_4xx_and_server_keeps_serving(client, model, server, extr
     good = chat(client, model, images=(12,))
     assert good.usage.prompt_tokens > BUDGET and good.choices[0].message.content
     assert server.alive()
+
+
+def post_chat_raw(server, model: str, script_json: str) -> tuple[int, str]:
+    """POST a chat request whose `script` setting is raw JSON text (NaN, 1e400, ...,
+    which a JSON encoder would refuse to write) -> (status, body)."""
+    body = json.dumps(
+        {"model": model, "messages": messages(QUESTION, (12,)), "max_tokens": MAX_TOKENS}
+    )
+    body = body[:-1] + f', "mm_processor_kwargs": {{"script": {script_json}}}}}'
+    request = urllib.request.Request(
+        server.base_url + "/v1/chat/completions",
+        data=body.encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=120) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+NON_FINITE = {
+    "theta-NaN": '{"theta": NaN}',
+    "theta-Infinity": '{"theta": Infinity}',
+    "tau--Infinity": '{"tau": -Infinity}',
+    "gamma-1e400": '{"gamma": 1e400}',
+    "gsp_ratio-NaN": '{"gsp_ratio": NaN}',
+    "budget-400-digits": '{"budget": 1' + "0" * 400 + "}",
+}
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("script_json", NON_FINITE.values(), ids=NON_FINITE)
+def test_non_finite_and_huge_numbers_are_4xx(server, client, model, script_json):
+    status, body = post_chat_raw(server, model, script_json)
+    assert 400 <= status < 500, (status, body[:500])
+    good = chat(client, model, images=(12,))
+    assert good.usage.prompt_tokens > BUDGET and server.alive()
+
+
+# -- edges of each allowed range (issue 10): served normally ------------------------------
+
+MAX_BUDGET = SERVER_SETTINGS["max_budget"]
+ALMOST_ONE = 0.9999999999999999  # the largest double below 1
+
+
+def _edge_cases() -> dict[str, tuple[dict, int]]:
+    """id -> (per-request settings, visual tokens the image must keep)."""
+    cases: dict[str, tuple[dict, int]] = {}
+    for method in ("script", "qcsp"):
+        for theta in (0.0, 0.999, ALMOST_ONE):
+            cases[f"{method}-theta={theta!r}"] = ({"method": method, "theta": theta}, BUDGET)
+    for method in ("script", "gsp"):
+        for key, values in (("tau", (-1, 1)), ("gamma", (0, 20))):
+            for value in values:
+                cases[f"{method}-{key}={value}"] = ({"method": method, key: value}, BUDGET)
+    for ratio in (0, 1):
+        cases[f"script-gsp_ratio={ratio}"] = ({"method": "script", "gsp_ratio": ratio}, BUDGET)
+    everything = {"tau": -1, "gamma": 20, "gsp_ratio": 1, "theta": ALMOST_ONE}
+    cases["script-all-edges-at-once"] = ({"method": "script", **everything}, BUDGET)
+    for method in (m for m in METHODS if m != "none"):
+        for budget in (1, MAX_BUDGET):
+            cases[f"{method}-budget={budget}"] = ({"method": method, "budget": budget}, budget)
+    cases["script-null"] = (None, BUDGET)  # {"script": null}: the server's settings
+    return cases
+
+
+EDGES = _edge_cases()
+
+
+@pytest.fixture(scope="module")
+def text_only_tokens(client, model) -> int:
+    return chat(client, model, images=()).usage.prompt_tokens
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize(("settings", "kept"), EDGES.values(), ids=EDGES)
+def test_edge_of_allowed_range_is_served(client, model, server, text_only_tokens, settings, kept):
+    extra = {"mm_processor_kwargs": {"script": settings}}
+    resp = chat(client, model, images=(15,), extra=extra)
+    assert resp.usage.prompt_tokens - text_only_tokens == kept
+    assert resp.choices[0].finish_reason in ("stop", "length")
+    # the engine is unharmed: the next request is served too
+    good = chat(client, model, images=(16,))
+    assert good.usage.prompt_tokens - text_only_tokens == BUDGET and server.alive()
 
 
 @pytest.mark.e2e
@@ -199,27 +327,8 @@ def test_bad_server_settings_stop_start_up(tiny_llava, settings, named):
 # -- observability ------------------------------------------------------------------------
 
 
-def _metrics_wired() -> bool:
-    """True once the processor calls `vllm_script.metrics.record_image`."""
-    from vllm_script.models import common
-
-    sources = [inspect.getsource(common)]
-    try:
-        from vllm_script.models import llava
-
-        sources.append(inspect.getsource(llava))
-    except Exception:  # noqa: BLE001 - vLLM missing: not wired for this check either
-        pass
-    return any("record_image" in s for s in sources)
-
-
 @pytest.mark.e2e
 def test_metrics_count_kept_and_pruned_tokens(server, client, model):
-    if not _metrics_wired():
-        pytest.skip(
-            "metrics call not wired yet: the processor does not call "
-            "vllm_script.metrics.record_image (see docs/serving.md)"
-        )
     before = metrics.parse_metrics(server.get("/metrics"))
     chat(client, model, images=(13,), extra=script_kwargs(method="gsp", budget=48))
     chat(client, model, images=(14,), extra=script_kwargs(method="none"))
@@ -237,17 +346,78 @@ def test_metrics_count_kept_and_pruned_tokens(server, client, model):
 
 
 @pytest.mark.e2e
+def test_start_up_traffic_is_not_counted(server):
+    """vLLM's warm-up and profiling process dummy images at start-up: not user requests."""
+    at_start = metrics.parse_metrics(server.startup_metrics)
+    counted = {key: value for key, value in at_start.items() if value}
+    assert not counted, counted
+
+
+@pytest.mark.e2e
 def test_start_up_log_states_the_pruning_settings(server):
     log = server.log_text()
-    if "vllm-script" not in log:
-        pytest.skip(
-            "start-up log line not emitted: the 'vllm_script' logger has no handler in "
-            "vLLM's processes (see docs/serving.md, Observability)"
-        )
     lines = [line for line in log.splitlines() if "vllm-script" in line and "budget" in line]
     assert lines, log[-3000:]
     assert '"budget":64' in lines[0] and '"method":"script"' in lines[0]
     assert '"max_budget":256' in lines[0]
+
+
+# -- the `vllm bench serve` recipe of docs/serving.md -------------------------------------
+
+SERVING_MD = Path(__file__).resolve().parents[1] / "docs" / "serving.md"
+RECIPE_PROMPTS = 8
+OUTPUT_LEN = 16  # the recipe's --random-output-len (with --ignore-eos)
+
+
+def recipe_script(base_url: str, model_dir: str, result_dir: Path) -> str:
+    """The recipe's client block from docs/serving.md, pointed at this server."""
+    text = SERVING_MD.read_text()
+    marker = text.index("<!-- bench-serve-recipe")
+    block = re.search(r"```bash\n(.*?)```", text[marker:], re.S).group(1)
+    first, rest = block.split("\n", 1)
+    assert first.startswith("URL="), first
+    assert "--result-dir results" in rest and ".venv/bin/vllm-script" in rest
+    rest = rest.replace("--result-dir results", f"--result-dir {result_dir}")
+    rest = rest.replace(".venv/bin/vllm-script", str(VLLM_SCRIPT))
+    return f"URL={base_url} MODEL={model_dir} PROMPTS={RECIPE_PROMPTS}\n{rest}"
+
+
+@pytest.mark.e2e
+def test_bench_serve_recipe(server, tmp_path):
+    """The documented `vllm bench serve` pair (pruned, then unpruned on a new seed) runs
+    against the server; its token counts and /metrics agree with the count rule."""
+    before = metrics.parse_metrics(server.get("/metrics"))
+    script = recipe_script(server.base_url, server.model_dir, tmp_path / "results")
+    out = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", script],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert out.stdout.count("Successful requests:") == 2, out.stdout[-3000:]
+    pruned, unpruned = (
+        json.loads((tmp_path / "results" / f"{name}.json").read_text())
+        for name in ("pruned", "unpruned")
+    )
+    for result in (pruned, unpruned):
+        assert (result["completed"], result["failed"]) == (RECIPE_PROMPTS, 0)
+        assert result["total_output_tokens"] == RECIPE_PROMPTS * OUTPUT_LEN
+    saved = unpruned["total_input_tokens"] - pruned["total_input_tokens"]
+    assert saved == RECIPE_PROMPTS * (N - BUDGET)
+
+    after = metrics.parse_metrics(server.get("/metrics"))
+
+    def delta(name, method):
+        key = (f"{name}_total", method)
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    assert delta(metrics.IMAGES, "script") == RECIPE_PROMPTS
+    assert delta(metrics.KEPT, "script") == RECIPE_PROMPTS * BUDGET
+    assert delta(metrics.PRUNED, "script") == RECIPE_PROMPTS * (N - BUDGET)
+    assert delta(metrics.KEPT, "none") == RECIPE_PROMPTS * N
+    assert delta(metrics.PRUNED, "none") == 0
 
 
 # -- metrics module (no server) -----------------------------------------------------------

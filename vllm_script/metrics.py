@@ -1,8 +1,11 @@
 """Prometheus counters for the visual tokens the plugin keeps and prunes.
 
-Call `record_image(method, num_tokens, kept)` once per image per request, in the
+Call `record_image(method, num_tokens, kept)` once per image per user request, in the
 front-end (the processor runs in vLLM's API server process, whose `/metrics` serves
-prometheus_client's default registry). The counters, by method:
+prometheus_client's default registry). vLLM's start-up warm-up and memory profiling
+send dummy images through the same processor; the processor does not record those
+(`vllm_script.models.common.profiling()`), so the counters start at zero. The
+counters, by method:
 
     vllm_script_visual_tokens_kept_total{method}    visual tokens sent to the LLM
     vllm_script_visual_tokens_pruned_total{method}  visual tokens dropped before it

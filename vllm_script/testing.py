@@ -4,8 +4,9 @@ Nothing here touches a model hub: the tokenizer is trained on a few sentences wi
 `tokenizers` library, the weights are random, and the files are written in the hub
 layout vLLM loads. Usage:
 
-    from vllm_script.testing import write_tiny_llava
-    path = write_tiny_llava("/tmp/tiny-llava")
+    from vllm_script.testing import model_preset, write_tiny_llava
+    path = write_tiny_llava("/tmp/tiny-llava")                        # the tests' model
+    path = write_tiny_llava("/tmp/bench-llava", **model_preset("bench"))  # the benchmarks'
     # LLM(model=str(path), ...)
 """
 
@@ -72,6 +73,48 @@ def _write_tokenizer(
 
 
 TINY_FORMAT = 2  # bump when the writers change what they write
+
+# Named model sizes, for every writer below (keyword arguments they all take). The image
+# geometry (tokens per image) is the writer's; these size the towers.
+MODEL_PRESETS: dict[str, dict[str, object]] = {
+    # the tests' model (the writers' defaults): engines start fast; the selection step
+    # costs about what the prefill saves, so pruning hardly pays here
+    "tiny": {
+        "text_hidden": 128,
+        "text_layers": 2,
+        "head_dim": 64,
+        "init_std": 0.2,
+        "vision_hidden": 64,
+        "vision_layers": 2,
+    },
+    # an 8-layer, width-1024 decoder (~150M parameters): the prefill is what pruning saves
+    "small": {
+        "text_hidden": 1024,
+        "text_layers": 8,
+        "head_dim": 128,
+        "init_std": 0.02,
+        "vision_hidden": 64,
+        "vision_layers": 2,
+    },
+    # "small" with a 4-layer, width-256 vision tower, so vision + projector cost about what
+    # a ViT-L costs next to a 7B LLM (~4 % of the unpruned prefill's FLOPs): the demo's
+    # and the serving benchmark's model
+    "bench": {
+        "text_hidden": 1024,
+        "text_layers": 8,
+        "head_dim": 128,
+        "init_std": 0.02,
+        "vision_hidden": 256,
+        "vision_layers": 4,
+    },
+}
+
+
+def model_preset(name: str) -> dict[str, object]:
+    """The writers' size arguments for preset `name` (a copy): `tiny`, `small` or `bench`."""
+    if name not in MODEL_PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; allowed: {sorted(MODEL_PRESETS)}")
+    return dict(MODEL_PRESETS[name])
 
 
 def write_tiny_llava(path: str | Path, **kwargs) -> Path:

@@ -8,6 +8,11 @@ and pass both to the model as per-item fields. For `relevance="clip"` the questi
 are also decoded with the LLM's tokenizer into text (a third per-item field) for the
 CLIP tokenizer; the text is a deterministic function of the hashed ids.
 
+Per-request kwargs: with the plugin configured and `request_kwargs: "script-only"` (the
+default), the processors refuse every per-request processor kwarg but `script` with a
+`SettingsError` (a 400 on the server), before anything is processed; kwargs the operator
+set server-wide (`--mm-processor-kwargs`) are merged later by vLLM and still apply.
+
 Model side (worker): pop those fields, run the in-tree encoder, prune per item. An
 architecture that can give pre-projector features (needed by `trim`, `prumerge+` and
 CLIP relevance) overrides `script_encode`; otherwise only the LLM-space methods work on
@@ -19,6 +24,7 @@ whose vision width differs from the model's vision tower stops the engine at sta
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from functools import cached_property
@@ -77,7 +83,68 @@ def settings_from_kwargs(hf_processor_mm_kwargs: Mapping[str, object]) -> Script
     return None if raw is None else ScriptSettings.from_json(str(raw))
 
 
-class ScriptProcessorMixin:
+_profiling = threading.local()
+
+
+def profiling() -> bool:
+    """True while this thread processes vLLM's start-up / profiling dummy inputs."""
+    return getattr(_profiling, "active", False)
+
+
+class RequestKwargsGuardMixin:
+    """Mix in before an in-tree `BaseMultiModalProcessor` subclass: the per-request kwargs
+    rule (`request_kwargs`) and the marking of vLLM's dummy (profiling) inputs.
+
+    Server-wide `--mm-processor-kwargs` never reach `apply()`'s inputs (vLLM merges them
+    when it calls the HF processor), so only what the request sent is checked here.
+    """
+
+    @cached_property
+    def script_server_settings(self) -> ScriptSettings | None:
+        return server_settings_of(self.info.get_hf_config())
+
+    def script_guard_request_kwargs(self, request_kwargs: Mapping[str, object]) -> None:
+        """Under `request_kwargs: "script-only"`, refuse any per-request kwarg but `script`."""
+        server = self.script_server_settings
+        if server is None or server.request_kwargs == "all" or profiling():
+            return
+        others = sorted(str(key) for key in request_kwargs if key != SETTINGS_KEY)
+        if others:
+            named = ", ".join(repr(key) for key in others)
+            raise SettingsError(
+                f"request setting (mm_processor_kwargs): processor kwarg {named} not allowed "
+                f"per request on this server; allowed: only 'script' (server setting "
+                f"'script.request_kwargs' = {server.request_kwargs!r}; other processor kwargs "
+                "can be set server-wide with --mm-processor-kwargs)"
+            )
+
+    def get_dummy_mm_inputs(self, *args, **kwargs):
+        # vLLM's start-up warm-up and memory profiling: not a user's request, so neither
+        # counted in the metrics nor checked against the per-request kwargs rule
+        previous = profiling()
+        _profiling.active = True
+        try:
+            return super().get_dummy_mm_inputs(*args, **kwargs)
+        finally:
+            _profiling.active = previous
+
+
+class PassThroughProcessorMixin(RequestKwargsGuardMixin):
+    """For checkpoints the plugin serves but does not prune (e.g. Pixtral-HF under the
+    LLaVA architecture): the per-request kwargs rule holds, and a per-request `script`
+    setting is validated (bad values get the usual 400) and then ignored."""
+
+    def apply(self, inputs, timing_ctx):
+        self.script_guard_request_kwargs(inputs.hf_processor_mm_kwargs)
+        kwargs = dict(inputs.hf_processor_mm_kwargs)
+        request_raw = kwargs.pop(SETTINGS_KEY, None)
+        if request_raw is not None:
+            resolve_request_settings(self.script_server_settings, request_raw)
+            inputs = replace(inputs, hf_processor_mm_kwargs=kwargs)
+        return super().apply(inputs, timing_ctx)
+
+
+class ScriptProcessorMixin(RequestKwargsGuardMixin):
     """Mix in before the in-tree `BaseMultiModalProcessor` subclass."""
 
     #: modalities whose items are pruned
@@ -102,10 +169,6 @@ class ScriptProcessorMixin:
                     f"vllm-script refuses to start: 'script.clip_path' = "
                     f"{settings.clip_path!r}: {exc}"
                 ) from exc
-
-    @cached_property
-    def script_server_settings(self) -> ScriptSettings | None:
-        return server_settings_of(self.info.get_hf_config())
 
     def script_clip_vision_width(self) -> int:
         """Width of the features CLIP relevance projects (or raise NotImplementedError)."""
@@ -145,6 +208,7 @@ class ScriptProcessorMixin:
             )
 
     def apply(self, inputs, timing_ctx):
+        self.script_guard_request_kwargs(inputs.hf_processor_mm_kwargs)
         kwargs = dict(inputs.hf_processor_mm_kwargs)
         request_raw = kwargs.pop(SETTINGS_KEY, None)
         kwargs.pop(QUERY_KEY, None)
@@ -157,8 +221,10 @@ class ScriptProcessorMixin:
                 kwargs[QUERY_KEY] = list(self.script_query_ids(inputs.prompt))
         inputs = replace(inputs, hf_processor_mm_kwargs=kwargs)
         out = super().apply(inputs, timing_ctx)
-        # counted here, not where placeholders are made: cache hits skip that step
-        self.script_record_metrics(inputs, settings)
+        # counted here, not where placeholders are made: cache hits skip that step;
+        # vLLM's start-up dummy inputs are not a user's images
+        if not profiling():
+            self.script_record_metrics(inputs, settings)
         return out
 
     def script_record_metrics(self, inputs, settings: ScriptSettings | None) -> None:

@@ -41,6 +41,7 @@ from vllm.multimodal.processing import PromptReplacement
 
 from vllm_script.config import SettingsError, kept_count
 from vllm_script.models.common import (
+    PassThroughProcessorMixin,
     ScriptModelMixin,
     ScriptProcessorMixin,
     settings_from_kwargs,
@@ -128,9 +129,14 @@ class ScriptLlavaProcessor(
             )
 
 
+class PassThroughPixtralHFProcessor(PassThroughProcessorMixin, PixtralHFMultiModalProcessor):
+    """Pixtral-HF checkpoints (same architecture name): not pruned; per-request kwargs
+    follow the server's `request_kwargs` rule like every architecture the plugin serves."""
+
+
 def _build_processor(info, dummy_inputs):
-    if isinstance(info, PixtralHFProcessingInfo):  # Pixtral-HF: not pruned, in-tree processor
-        return PixtralHFMultiModalProcessor(info, dummy_inputs)
+    if isinstance(info, PixtralHFProcessingInfo):  # Pixtral-HF: not pruned
+        return PassThroughPixtralHFProcessor(info, dummy_inputs)
     if isinstance(info, LlavaProcessingInfo):
         return ScriptLlavaProcessor(info, dummy_inputs)
     raise NotImplementedError(type(info))
