@@ -6,6 +6,15 @@ from dataclasses import dataclass, field
 
 import torch
 
+from vllm_script.config import REFERENCES
+
+
+def check_reference(reference: object) -> str:
+    """Raise ValueError naming `reference` unless it is "paper" or "code"."""
+    if not isinstance(reference, str) or reference not in REFERENCES:
+        raise ValueError(f"reference={reference!r} is not allowed; use one of {list(REFERENCES)}")
+    return reference
+
 
 @dataclass
 class Selection:

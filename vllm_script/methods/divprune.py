@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from vllm_script.methods.base import Selection
+from vllm_script.methods.base import Selection, check_reference
 from vllm_script.methods.trim import check_tensor
 from vllm_script.methods.uniform import check_int
 
@@ -31,7 +31,9 @@ def nearest_neighbor_distance(features: torch.Tensor, tile: int = TILE) -> torch
     return out
 
 
-def divprune_select(features: torch.Tensor, k: int, *, tile: int = TILE) -> Selection:
+def divprune_select(
+    features: torch.Tensor, k: int, *, tile: int = TILE, reference: str = "paper"
+) -> Selection:
     """[B, N, D], k -> Selection keeping exactly min(k, N) tokens (no merged or extra rows).
 
     Distance `1 - cos` (fp32). First pick: the token whose nearest neighbour is farthest
@@ -39,8 +41,11 @@ def divprune_select(features: torch.Tensor, k: int, *, tile: int = TILE) -> Sele
     minimum distance to the picked set, kept as a running minimum (one [B, N] row per
     pick: O(K N D) time, O(N) memory beyond a `tile` x N block for the first pick).
     Ties go to the lowest index. `keep` ascending; info "order" LongTensor [B, K] is the
-    pick order. k >= N keeps every token (order = 0..N-1).
+    pick order. k >= N keeps every token (order = 0..N-1). `reference` ("paper" or
+    "code") changes nothing: the authors' code picks the same tokens in the same order
+    (it repeats an index past the distinct-token count; this stays distinct).
     """
+    check_reference(reference)
     check_tensor("features", features, 3, "[B, N, D]")
     check_int("k", k, 1)
     check_int("tile", tile, 1)

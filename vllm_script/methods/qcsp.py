@@ -5,21 +5,27 @@ from __future__ import annotations
 import torch
 
 from vllm_script import ops
-from vllm_script.methods.base import Selection
+from vllm_script.methods.base import Selection, check_reference
 
 
-def dpp_quality(relevance: torch.Tensor | None, theta: float) -> torch.Tensor | None:
+def dpp_quality(
+    relevance: torch.Tensor | None, theta: float, reference: str = "paper"
+) -> torch.Tensor | None:
     """[B, N] relevance in [0, 1] -> [B, N] quality `q_i = exp(alpha (r_i - max_j r_j))`.
 
     `alpha = theta / (2 (1 - theta))` (CDPruner's paper form, `exp(alpha r_i)`): `log det
     L_Y` then equals `theta / (1 - theta) * sum_Y r_i + log det S_Y` up to a constant, an
-    explicit relevance/diversity trade-off; theta = 0 is pure diversity. (The authors'
-    code uses `q_i = r_i`.) Shifting by the image's largest relevance scales L by a
-    constant, which changes no greedy step, and keeps q in (0, 1] for every theta < 1:
-    `exp(alpha r)` overflows fp32 once alpha > 88 (theta > 0.9944).
+    explicit relevance/diversity trade-off; theta = 0 is pure diversity. Shifting by the
+    image's largest relevance scales L by a constant, which changes no greedy step, and
+    keeps q in (0, 1] for every theta < 1: `exp(alpha r)` overflows fp32 once alpha > 88
+    (theta > 0.9944). `reference="code"`: `q_i = r_i`, as CDPruner's released code (theta
+    unused).
     """
+    check_reference(reference)
     if relevance is None:
         return None
+    if reference == "code":
+        return relevance.float()
     alpha = theta / (2.0 * (1.0 - theta))
     r = relevance.float()
     shifted = r - r.amax(dim=-1, keepdim=True) if r.numel() else r
@@ -33,7 +39,12 @@ def qcsp_select(
     *,
     theta: float = 0.5,
     candidates: torch.Tensor | None = None,
+    reference: str = "paper",
 ) -> Selection:
-    """[B, N, D], [B, N] | None, k -> Selection of the k tokens the greedy DPP MAP picks."""
-    picks = ops.dpp_greedy_map(features, dpp_quality(relevance, theta), k, candidates=candidates)
+    """[B, N, D], [B, N] | None, k -> Selection of the k tokens the greedy DPP MAP picks.
+
+    `reference`: the quality form, see `dpp_quality` ("code": CDPruner's `q = r`).
+    """
+    quality = dpp_quality(relevance, theta, reference)
+    picks = ops.dpp_greedy_map(features, quality, k, candidates=candidates)
     return Selection(keep=picks.sort(dim=1).values, info={"order": picks})
