@@ -218,6 +218,10 @@ def rows_to_indices(rows: torch.Tensor, features: torch.Tensor) -> list[int]:
     return [int(e.nonzero()[0]) if e.any() else -1 for e in eq]
 
 
+# TRIM: the paper, the paper with the existing `negate_relevance` flip, the code
+VARIANTS = (("paper", None), ("paper", True), ("code", None))
+
+
 def compare_trim(ns, seeds, out):
     for seed in range(seeds):
         for spread in (0.0, 0.3):
@@ -229,24 +233,25 @@ def compare_trim(ns, seeds, out):
                     torch.randn(CLIP_EMBED, CLIP_WIDTH, generator=gen, dtype=torch.float64) / 32
                 )
             feats = torch.randn(1, N, CLIP_WIDTH, generator=gen, dtype=torch.float64)
-            scale = 1 + spread * (2 * torch.rand(1, N, 1, generator=gen, dtype=torch.float64) - 1)
-            feats = feats * scale  # layernorm removes it; post-scale the embeddings instead
             with torch.no_grad():
-                embeds = projection(layernorm(feats))
+                embeds = F.normalize(projection(layernorm(feats)), dim=-1) * 4.0
+            # equal norms, or norms varying by a factor in [1 - spread, 1 + spread]
+            embeds = embeds * (1 + spread * (2 * torch.rand(1, N, 1, generator=gen) - 1))
             text = torch.randn(1, CLIP_EMBED, generator=gen, dtype=torch.float64) * 0.3
 
-            def proj(x, s=scale, e=embeds):  # the embeds, norms varied by `s`
-                return e * s
+            def proj(x, e=embeds):  # post_layernorm is the identity: x -> the embeds
+                return e
 
             kind = f"norms+-{int(spread * 100)}%"
             # adaptive: the code's own count; we are given budget = count + 1
             theirs_rows = trim_code(ns, feats, (Identity(), proj), text, -1)
             n_code = theirs_rows.shape[0] - 1
-            for ref in ("paper", "code"):
-                sel = trim_select(feats, embeds * scale, text, n_code + 1, reference=ref)
+            theirs_idx = rows_to_indices(theirs_rows[:-1], feats[0])
+            for ref, negate in VARIANTS:
+                sel = trim_select(feats, embeds, text, n_code + 1, reference=ref, negate=negate)
                 ours_rows = apply_selection(feats, sel)[0]
-                theirs_idx = rows_to_indices(theirs_rows[:-1], feats[0])
                 diff = (ours_rows - theirs_rows).abs().max().item()
+                ref = ref + ("+negate" if negate else "")
                 out.append(row("trim", ref, kind, CLIP_WIDTH, n_code + 1, seed,
                                sel.keep[0].tolist(), theirs_idx, diff,
                                (int(sel.info["iqr_count"][0]), n_code),
@@ -254,10 +259,11 @@ def compare_trim(ns, seeds, out):
             for k in (64, 128, 192):
                 theirs_rows = trim_code(ns, feats, (Identity(), proj), text, (k - 1) / N)
                 theirs_idx = rows_to_indices(theirs_rows[:-1], feats[0])
-                for ref in ("paper", "code"):
-                    sel = trim_select(feats, embeds * scale, text, k, reference=ref)
+                for ref, negate in VARIANTS:
+                    sel = trim_select(feats, embeds, text, k, reference=ref, negate=negate)
                     ours_rows = apply_selection(feats, sel)[0]
                     diff = (ours_rows - theirs_rows).abs().max().item()
+                    ref = ref + ("+negate" if negate else "")
                     out.append(row("trim", ref, kind, CLIP_WIDTH, k, seed,
                                    sel.keep[0].tolist(), theirs_idx, diff,
                                    note="fixed ratio (k - 1) / N"))  # fmt: skip
@@ -413,12 +419,13 @@ def summarise(rows: list[dict]) -> None:
         order = sum(r["same_order"] for r in rs)
         ov = [r["overlap"] for r in rs]
         diffs = [float(r["max_abs_diff"]) for r in rs if r["max_abs_diff"] != "nan"]
-        counts = sum(r["count_ours"] == r["count_code"] for r in rs if r["count_code"] != "")
+        counted = [r for r in rs if r["count_code"] != ""]
+        counts = sum(r["count_ours"] == r["count_code"] for r in counted)
         print(
-            f"{method:9s} {ref:5s} {kind:11s} same set {same}/{len(rs)}, same order "
+            f"{method:9s} {ref:12s} {kind:11s} same set {same}/{len(rs)}, same order "
             f"{order}/{len(rs)}, overlap {min(ov):.2f}-{max(ov):.2f}"
-            + (f", max diff {max(diffs):.2g}" if diffs else "")
-            + (f", counts equal {counts}/{len(rs)}" if rs[0]["count_code"] != "" else "")
+            + (f", max |diff| {max(diffs):.2g}" if diffs else "")
+            + (f", adaptive count equal {counts}/{len(counted)}" if counted else "")
         )
 
 
