@@ -20,8 +20,10 @@ def check_reference(reference: object) -> str:
 class Selection:
     """The outcome of one method on a batch of B images of N tokens each.
 
-    keep:        LongTensor [B, K_keep], indices into the N tokens, ascending (original
-                 spatial order).
+    keep:        LongTensor [B, K_keep], indices into the N tokens in the order the LLM
+                 receives them: ascending (original spatial order), except where
+                 `reference="code"` reproduces a code that passes another order
+                 (PruMerge+: outliers by descending attention, then the stride tokens).
     kept_values: [B, K_keep, D] or None. Replacement rows for the kept tokens (e.g.
                  PruMerge+ merges neighbours into them); None means "gather as is".
     extra:       [B, M, D] or None. Tokens made by the method (e.g. TRIM's aggregate of
@@ -43,7 +45,7 @@ class Selection:
 
 
 def apply_selection(tokens: torch.Tensor, selection: Selection) -> torch.Tensor:
-    """[B, N, D] -> [B, K, D]: kept rows in original order, then the extra tokens."""
+    """[B, N, D] -> [B, K, D]: kept rows in `selection.keep`'s order, then the extra tokens."""
     if selection.kept_values is not None:
         kept = selection.kept_values.to(tokens.dtype)
     else:
