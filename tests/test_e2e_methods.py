@@ -132,6 +132,37 @@ def test_mixed_methods_batched_together(llm, text_len):
     assert all(len(o.outputs[0].token_ids) > 0 for o in outs)
 
 
+@pytest.mark.parametrize("relevance", ["llm", "clip"])
+def test_reference_code_per_request(llm, text_len, relevance):
+    """`reference: "code"` per request: exactly K rows for every method; where the paper
+    and the released code differ (README, Fidelity) the selection differs on the same
+    image and question, elsewhere it is the same."""
+    methods = METHODS if relevance == "llm" else ["script", "qcsp", "trim"]
+    base = 500 if relevance == "llm" else 550  # fresh images: no encoder-cache reuse
+    requests = [
+        _request([base + i], method=m, budget=64, relevance=relevance, reference=ref)
+        for i, m in enumerate(methods)
+        for ref in ("paper", "code")
+    ]
+    before = len(_recent(llm))
+    results = _ok(run_requests(llm, requests))
+    assert [r["prompt_len"] - text_len[1] for r in results] == [64] * len(requests)
+    records = _recent(llm)[before:]
+    assert [(r["method"], r["reference"]) for r in records] == [
+        (m, ref) for m in methods for ref in ("paper", "code")
+    ]
+    for paper, code in zip(records[::2], records[1::2], strict=True):
+        assert len(set(code["keep"])) == len(code["keep"]) == len(paper["keep"])
+        if paper["method"] in ("gsp", "divprune", "uniform"):
+            assert code["keep"] == paper["keep"], paper["method"]
+        else:
+            assert set(code["keep"]) != set(paper["keep"]), paper["method"]
+        if paper["method"] == "prumerge+":  # the code passes outliers first, by attention
+            assert code["keep"] != sorted(code["keep"])
+        else:
+            assert code["keep"] == sorted(code["keep"])
+
+
 def test_server_default_is_script_64(llm, text_len):
     before = len(_recent(llm))
     (result,) = _ok(run_requests(llm, [{"question": QUESTION, "images": [400]}]))

@@ -372,6 +372,7 @@ def _record(group: _Group, selection: Selection, k: int) -> None:
             {
                 "method": group.cfg.method,
                 "relevance": group.cfg.relevance,
+                "reference": group.cfg.reference,
                 "num_tokens": item.num_tokens,
                 "kept": k,
                 "keep": selection.keep[row].tolist(),
