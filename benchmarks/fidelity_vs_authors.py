@@ -20,7 +20,8 @@ llava/model/multimodal_encoder/clip_encoder.py: token_prune_merge_advanced_plus 
 module-level helpers); DivPrune LLaVA/llava/model/llava_arch.py: DivPrune.
 
 Inputs: N = 576 tokens (24 x 24), LLM-space D in {1024, 4096}, CLIP width 1024 and
-embedding 768 for TRIM / PruMerge+, K in {64, 128, 192}; feature kinds `random`,
+embedding 768 for TRIM / PruMerge+, K in {64, 128, 192} (and 96 = the rank for
+`rank96`); feature kinds `random`,
 `duplicated` (288 distinct tokens, each twice), `rank96`, `clustered` (16 centres + noise);
 TRIM's CLIP image embeddings with equal norms or norms varying +-30 %. Values are compared
 in fp64 where the authors' code casts its output to fp16 (TRIM), so that 1e-5 is
@@ -181,7 +182,7 @@ def compare_qcsp(ns_cd, ns_script, seeds, out):
                 # both codes negate; CDPruner takes cosines, Script raw dot products
                 rel = clip_relevance(img, txt, negate=True)
                 rel_raw = clip_relevance(img, txt, negate=True, normalize=False)
-                for k in (64, 128, 192):
+                for k in (64, 96, 128, 192) if kind == "rank96" else (64, 128, 192):
                     theirs = cdpruner_like(ns_cd["LlavaMetaForCausalLM.encode_images"],
                                            feats, img, txt, k)  # fmt: skip
                     head = cdpruner_like(ns_script["LlavaMetaForCausalLM.encode_images"],

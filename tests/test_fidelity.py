@@ -294,6 +294,12 @@ def test_bad_reference_is_named(call):
         call("authors")
 
 
+@pytest.mark.parametrize("k", [0, 5, 2.0], ids=["k=0", "k>N", "float"])
+def test_script_code_bad_k_is_named(k):
+    with pytest.raises(ValueError, match=r"k=.*must be an integer in \[1, 4\]"):
+        script_select(torch.randn(1, 4, 3), None, k, reference="code")
+
+
 def test_mrope_positions_follow_a_non_ascending_keep():
     # grid (t, h, w) = (1, 2, 3): token i sits at (0, i // 3, i % 3); row r gets keep[r]'s
     offsets = kept_offsets((1, 2, 3), 1.0, torch.tensor([5, 0, 3]))

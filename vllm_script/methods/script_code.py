@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from vllm_script.methods.base import Selection
+from vllm_script.methods.trim import check_tensor
 
 
 def script_code_select(features: torch.Tensor, relevance: torch.Tensor | None, k: int) -> Selection:
@@ -26,8 +27,19 @@ def script_code_select(features: torch.Tensor, relevance: torch.Tensor | None, k
     `d <- diag(L)`; k times: `j = argmax` of d over the unpicked tokens (ties to the lowest
     index); if `d_j > 0`: `d <- d - (L[:, j] / (sqrt(d_j) + 1e-6))^2`. `keep` ascending
     (the code passes its mask in spatial order); info "order": the pick order.
+    Raises ValueError unless 1 <= k <= N (as the DPP of `qcsp_select`).
     """
+    check_tensor("features", features, 3, "[B, N, D]")
     bsz, n, _ = features.shape
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n:
+        raise ValueError(f"k={k!r} must be an integer in [1, {n}] (the number of tokens)")
+    if relevance is not None:
+        if tuple(relevance.shape) != (bsz, n):
+            raise ValueError(
+                f"relevance must have shape [B, N] = {[bsz, n]}, got {list(relevance.shape)}"
+            )
+        if not torch.isfinite(relevance).all() or (relevance < 0).any():
+            raise ValueError("relevance must be finite and non-negative")
     device = features.device
     x = F.normalize(features.float(), dim=-1)
     q = torch.ones(bsz, n, device=device) if relevance is None else relevance.float()
