@@ -236,6 +236,16 @@ def test_prumerge_code_budget_cuts_or_tops_up_the_list():
     assert set(paper.keep[0].tolist()) != {9, 4, 0, 2, 6, 8, 10, 12, 14}
 
 
+def test_prumerge_code_stride_stops_before_the_last_token():
+    # one outlier (7): stride int(int(1 / (1 / 16)) / 3) = 5; the code's bound is 575 for
+    # N = 576, i.e. N - 1: 0, 5, 10 (not 15)
+    feats, keys, _ = _prumerge_example()
+    attn = torch.full((1, 16), 0.05)
+    attn[0, 7] = 0.3
+    sel = prumerge_plus_select(feats, keys, attn, 5, (4, 4), reference="code")
+    assert sel.keep.tolist() == [[7, 0, 5, 10]] and sel.info["code_tokens"].tolist() == [5]
+
+
 def test_prumerge_code_where_the_code_fails_stays_safe():
     # equal attention: no outlier, the code divides by zero; here the stride is N
     # (only token 0), then the rest by attention (ties: lowest index)
