@@ -151,8 +151,10 @@ def code_keep_order(
         rest = order[b][~listed_mask[order[b]]]
         rows.append(torch.cat([listed, rest])[:m])
     device = cls_attention.device
-    keep = torch.stack(rows).to(device) if rows else torch.empty(0, m, dtype=torch.long)
-    return keep, counts.to(device), torch.tensor(tokens, device=device)
+    keep = (
+        torch.stack(rows).to(device) if rows else torch.empty(0, m, dtype=torch.long, device=device)
+    )
+    return keep, counts.to(device), torch.tensor(tokens, dtype=torch.long, device=device)
 
 
 def _weighted_mean(

@@ -52,6 +52,8 @@ def code_iqr_outliers(scores: torch.Tensor) -> torch.Tensor:
     one image in their evaluation, so here each image is its own).
     """
     values = scores.detach().float().cpu().numpy()
+    if values.shape[0] == 0:
+        return torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
     rows = []
     for row in values:
         q1, q3 = float(np.percentile(row, 25)), float(np.percentile(row, 75))
