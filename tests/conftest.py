@@ -22,6 +22,17 @@ def tiny_llava(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def clip_dir(tiny_llava, tmp_path_factory) -> Path:
+    """A tiny random CLIP checkpoint (text tower + projections) matching tiny_llava."""
+    from engine_utils import vision_width
+
+    from vllm_script.clip_text import write_tiny_clip_checkpoint
+
+    path = tmp_path_factory.mktemp("clip") / "tiny-clip"
+    return write_tiny_clip_checkpoint(path, vision_width(tiny_llava))
+
+
+@pytest.fixture(scope="session")
 def tiny_llava_next(tmp_path_factory) -> Path:
     from vllm_script.testing import model_preset, write_tiny_llava_next
 

@@ -32,6 +32,11 @@ TEMPLATES = {
 }
 
 
+def vision_width(model_dir: Path) -> int:
+    """The vision tower's hidden size of a checkpoint written by `vllm_script.testing`."""
+    return json.loads((Path(model_dir) / "config.json").read_text())["vision_config"]["hidden_size"]
+
+
 def make_prompt(request: dict) -> dict:
     from vllm_script.testing import random_image, random_video
 

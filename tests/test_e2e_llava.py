@@ -110,6 +110,23 @@ def test_unconfigured_plugin_is_token_identical_to_vanilla(tiny_llava, vanilla):
     assert vanilla[0]["prompt_len"] > N  # the image really was in the prompt, unpruned
 
 
+def test_negative_control_another_selection_changes_the_answers(llm, vanilla):
+    """The token-identity tests compare six greedy tokens of a random 2-layer model; they
+    prove something only because another selection gives other tokens: dropping a single
+    token, or keeping another 64 tokens, changes the answers."""
+    with_image = [i for i, r in enumerate(COMPARE) if r["images"]]
+
+    def tokens(results):
+        return [tokens for i, (_, tokens) in enumerate(answers(results)) if i in with_image]
+
+    def served(**settings):
+        return tokens(run_requests(llm, [{**r, "mm_processor_kwargs": {"script": settings}}
+                                         for r in COMPARE]))  # fmt: skip
+
+    assert served(method="uniform", budget=N - 1) != tokens(vanilla)
+    assert served(method="uniform", budget=64) != served(method="divprune", budget=64)
+
+
 def test_questions_get_their_own_selection_and_cache_entries(llm, tiny_llava):
     # budget 200 > one 128-token KV block, so the image's first block is cacheable: a
     # selection made for one question would be reused for the other if the question

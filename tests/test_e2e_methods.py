@@ -2,8 +2,8 @@
 
 One engine is shared by the module: the tiny LLaVA-1.5-shaped checkpoint, server-wide
 Script at budget 64 with relevance "llm" and a `clip_path` to a tiny random CLIP
-checkpoint written here (so requests may ask for relevance "clip"). Requests pick the
-method, budget and relevance in `mm_processor_kwargs`. Checked: the prompt-token count
+checkpoint (conftest's `clip_dir`, so requests may ask for relevance "clip"). Requests
+pick the method, budget and relevance in `mm_processor_kwargs`. Checked: the prompt-token count
 (the placeholders the processor emitted == the rows the model returned, or vLLM would
 have failed the merge), and the worker's recorded selections (which method really ran,
 kept / merged / extra tokens, the question's text for CLIP). Start-up failures with a
@@ -12,14 +12,17 @@ bad `clip_path` run in fresh engines.
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import subprocess
-import sys
 
 import pytest
-from engine_utils import ENGINE_KWARGS, make_prompt, run_in_fresh_engine, run_requests
+from engine_utils import (
+    ENGINE_KWARGS,
+    make_prompt,
+    run_in_fresh_engine,
+    run_requests,
+    vision_width,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -28,18 +31,6 @@ METHODS = ["script", "gsp", "qcsp", "trim", "prumerge+", "divprune", "uniform"]
 BUDGETS = [1, 2, 64, 575, 576]
 QUESTION = "which color is the car?"
 VISION_SPACE = ("trim", "prumerge+")  # k - 1 kept tokens + 1 extra token
-
-
-def _vision_width(model_dir) -> int:
-    return json.loads((model_dir / "config.json").read_text())["vision_config"]["hidden_size"]
-
-
-@pytest.fixture(scope="module")
-def clip_dir(tiny_llava, tmp_path_factory):
-    from vllm_script.clip_text import write_tiny_clip_checkpoint
-
-    path = tmp_path_factory.mktemp("clip") / "tiny-clip"
-    return write_tiny_clip_checkpoint(path, _vision_width(tiny_llava))
 
 
 @pytest.fixture(scope="module")
@@ -141,6 +132,37 @@ def test_mixed_methods_batched_together(llm, text_len):
     assert all(len(o.outputs[0].token_ids) > 0 for o in outs)
 
 
+@pytest.mark.parametrize("relevance", ["llm", "clip"])
+def test_reference_code_per_request(llm, text_len, relevance):
+    """`reference: "code"` per request: exactly K rows for every method; where the paper
+    and the released code differ (README, Fidelity) the selection differs on the same
+    image and question, elsewhere it is the same."""
+    methods = METHODS if relevance == "llm" else ["script", "qcsp", "trim"]
+    base = 500 if relevance == "llm" else 550  # fresh images: no encoder-cache reuse
+    requests = [
+        _request([base + i], method=m, budget=64, relevance=relevance, reference=ref)
+        for i, m in enumerate(methods)
+        for ref in ("paper", "code")
+    ]
+    before = len(_recent(llm))
+    results = _ok(run_requests(llm, requests))
+    assert [r["prompt_len"] - text_len[1] for r in results] == [64] * len(requests)
+    records = _recent(llm)[before:]
+    assert [(r["method"], r["reference"]) for r in records] == [
+        (m, ref) for m in methods for ref in ("paper", "code")
+    ]
+    for paper, code in zip(records[::2], records[1::2], strict=True):
+        assert len(set(code["keep"])) == len(code["keep"]) == len(paper["keep"])
+        if paper["method"] in ("gsp", "divprune", "uniform"):
+            assert code["keep"] == paper["keep"], paper["method"]
+        else:
+            assert set(code["keep"]) != set(paper["keep"]), paper["method"]
+        if paper["method"] == "prumerge+":  # the code passes outliers first, by attention
+            assert code["keep"] != sorted(code["keep"])
+        else:
+            assert code["keep"] == sorted(code["keep"])
+
+
 def test_server_default_is_script_64(llm, text_len):
     before = len(_recent(llm))
     (result,) = _ok(run_requests(llm, [{"question": QUESTION, "images": [400]}]))
@@ -214,7 +236,7 @@ def test_missing_clip_checkpoint_refuses_to_start(tiny_llava, tmp_path):
 def test_clip_width_mismatch_refuses_to_start(tiny_llava, tmp_path):
     from vllm_script.clip_text import write_tiny_clip_checkpoint
 
-    width = _vision_width(tiny_llava)
+    width = vision_width(tiny_llava)
     wrong = write_tiny_clip_checkpoint(tmp_path / "clip-wrong-width", width // 2)
     with pytest.raises(RuntimeError) as err:
         run_in_fresh_engine(
@@ -229,55 +251,3 @@ def test_clip_width_mismatch_refuses_to_start(tiny_llava, tmp_path):
     assert "refuses to start" in message and str(wrong) in message, message[-2000:]
     pattern = rf"vision hidden size {width // 2}\b.*vision tower has width {width}\b"
     assert re.search(pattern, message), message[-2000:]
-
-
-def test_selection_api_imports_without_vllm():
-    code = (
-        "import sys\n"
-        "from vllm_script.methods import (Selection, apply_selection, clip_relevance,\n"
-        "    cls_attention_from_qk, divprune_select, gsp_select, prumerge_plus_select,\n"
-        "    qcsp_select, script_select, trim_select, uniform_select)\n"
-        "import vllm_script.pruning\n"
-        "assert 'vllm' not in sys.modules, 'the selection API imported vLLM'\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr[-2000:]
-
-
-@pytest.mark.parametrize("relevance", ["llm", "clip"])
-def test_prune_items_without_an_engine(tiny_llava, clip_dir, relevance):
-    """Every method, both relevance sources: exactly K rows; TRIM at K=1 = proj(mean)."""
-    import torch
-
-    from vllm_script.clip_text import load_clip_relevance
-    from vllm_script.config import ScriptSettings
-    from vllm_script.pruning import ImageInput, PruneContext, prune_items, square_grid
-
-    width, dim = _vision_width(tiny_llava), 32
-    gen = torch.Generator().manual_seed(0)
-    project = torch.nn.Linear(width, dim)
-    embed = torch.nn.Embedding(50, dim)
-    ctx = PruneContext(embed, project, load_clip_relevance(clip_dir, width))
-    images = [
-        ImageInput(
-            features=torch.randn(N, width, generator=gen),
-            cls_query=torch.randn(width, generator=gen),
-            layer_keys=torch.randn(N + 1, width, generator=gen),
-            grid=square_grid(N),
-            query_ids=torch.tensor([3, 4, 5]),
-            query_text="which color is the car",
-        )
-        for _ in range(2)
-    ]
-    with torch.no_grad():
-        for method in METHODS:
-            for k in (1, 2, 575, 576):
-                cfg = ScriptSettings(method=method, budget=k, relevance=relevance)
-                out = prune_items(images, [cfg, cfg], ctx)
-                assert [tuple(o.shape) for o in out] == [(min(k, N), dim)] * 2, (method, k)
-                assert all(torch.isfinite(o).all() for o in out)
-        cfg = ScriptSettings(method="trim", budget=1, relevance=relevance)
-        out = prune_items(images, [cfg, cfg], ctx)
-        for image, rows in zip(images, out, strict=True):
-            expected = project(image.features.mean(dim=0, keepdim=True))
-            torch.testing.assert_close(rows, expected, rtol=1e-5, atol=1e-5)

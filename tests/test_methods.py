@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -36,6 +38,55 @@ def test_gsp_scores_rank_duplicates_first():
     assert sorted((2 * top).tolist()) == dup
     assert degree[0, 0] >= 1 and degree[0, 4] >= 1  # tokens 0 and 8: src positions 0, 4
     assert degree[0, 1] == 0  # token 2 resembles no dst token
+
+
+# -- GSP by hand: expected survivors written out, not computed by the code under test --
+
+
+def _isolated_and_duplicate() -> torch.Tensor:
+    """[1, 4, 4]: src 0 = e0 (no edge: orthogonal to every dst), dst 1 = e1,
+    src 2 = e2 and dst 3 = e2 (a duplicate pair)."""
+    return torch.eye(4)[[0, 1, 2, 2]].unsqueeze(0)
+
+
+def _chain() -> torch.Tensor:
+    """[1, 5, 6]: x_i = (e_i + e_{i+1}) / sqrt 2, neighbours at cosine .5, others 0:
+    src 0 - dst 1 - src 2 - dst 3 - src 4."""
+    eye = torch.eye(6)
+    return torch.stack([(eye[i] + eye[i + 1]) / 2**0.5 for i in range(5)]).unsqueeze(0)
+
+
+def test_gsp_scores_by_hand():
+    # src 2 (one edge, mu 1): 1 * e^(1 - .2) = 2.2255, blended (degree < 4) with its mean
+    # cosine to all dst (0 + 1) / 2: .5 * 2.2255 + .25 = 1.3628; src 0: no edge -> 0
+    scores, degree = gsp_scores(_isolated_and_duplicate(), tau=0.2, gamma=1.0)
+    assert degree.tolist() == [[0, 1]]
+    torch.testing.assert_close(scores, torch.tensor([[0.0, 0.5 * math.exp(0.8) + 0.25]]))
+    # chain: src 0 and 4 one edge (mu .5), src 2 two: d e^(.5 - .2), blended with
+    # (.5 + 0) / 2 = .25 and (.5 + .5) / 2 = .5
+    scores, degree = gsp_scores(_chain(), tau=0.2, gamma=1.0)
+    assert degree.tolist() == [[1, 2, 1]]
+    end, middle = 0.5 * math.exp(0.3) + 0.125, math.exp(0.3) + 0.25
+    torch.testing.assert_close(scores, torch.tensor([[end, middle, end]]))
+
+
+def test_gsp_never_removes_an_isolated_token():
+    # k = 1, ratio 1: up to 2 src tokens may go, but src 0 has no edge >= tau: only the
+    # duplicate src 2 is removed
+    survivors = gsp_candidates(_isolated_and_duplicate(), 1, tau=0.2, gamma=1.0, ratio=1.0)
+    assert survivors.tolist() == [[True, True, False, True]]
+    # the chain with tau above every cosine (.5): no edge anywhere, nothing removed
+    survivors = gsp_candidates(_chain(), 1, tau=0.6, gamma=1.0, ratio=1.0)
+    assert survivors.tolist() == [[True] * 5]
+
+
+def test_gsp_removes_the_middle_of_a_chain_first():
+    # src 2 has two edges, the ends one each: one removal takes token 2
+    survivors = gsp_candidates(_chain(), 4, tau=0.2, gamma=1.0, ratio=1.0)
+    assert survivors.tolist() == [[True, True, False, True, True]]
+    assert gsp_select(_chain(), 4).keep.tolist() == [[0, 1, 3, 4]]
+    # the duplicate pair: GSP alone drops the src copy
+    assert gsp_select(_isolated_and_duplicate(), 3).keep.tolist() == [[0, 1, 3]]
 
 
 @pytest.mark.parametrize(

@@ -44,13 +44,14 @@ def _inputs(n: int, bsz: int = 2, dim: int = 8, seed: int = 0):
     return feats, keys, attn, img, txt
 
 
-def _check_selection(sel: Selection, feats: torch.Tensor, k: int) -> None:
+def _check_selection(sel: Selection, feats: torch.Tensor, k: int, ascending: bool = True) -> None:
     bsz, n, dim = feats.shape
     expected = min(k, n)
     assert sel.num_tokens == expected
     keep = sel.keep
     assert keep.dtype == torch.long and keep.shape[0] == bsz
-    assert torch.equal(keep, keep.sort(dim=1).values), "keep must be ascending"
+    if ascending:
+        assert torch.equal(keep, keep.sort(dim=1).values), "keep must be ascending"
     for row in keep:
         assert len(set(row.tolist())) == row.numel(), "keep must be distinct"
         assert all(0 <= i < n for i in row.tolist())
@@ -68,7 +69,12 @@ METHODS = {
     "prumerge+-pruned-code": lambda f, ks, a, im, tx, k, grid: prumerge_plus_select(
         f, ks, a, k, grid, normalize=False, merge_pool="pruned"
     ),
+    "trim-code": lambda f, ks, a, im, tx, k, grid: trim_select(f, im, tx, k, reference="code"),
+    "prumerge+-code": lambda f, ks, a, im, tx, k, grid: prumerge_plus_select(
+        f, ks, a, k, grid, reference="code"
+    ),
     "divprune": lambda f, ks, a, im, tx, k, grid: divprune_select(f, k),
+    "divprune-code": lambda f, ks, a, im, tx, k, grid: divprune_select(f, k, reference="code"),
     "uniform-grid": lambda f, ks, a, im, tx, k, grid: uniform_select(
         f.shape[1], k, grid, batch=f.shape[0]
     ),
@@ -76,12 +82,15 @@ METHODS = {
 }
 
 
+CODE_ORDER = {"prumerge+-code"}  # keep in the authors' order, not ascending
+
+
 @pytest.mark.parametrize("method", list(METHODS), ids=lambda m: m)
 @pytest.mark.parametrize("n, k", CASES)
 def test_exact_count(method: str, n: int, k: int) -> None:
     feats, keys, attn, img, txt = _inputs(n)
     sel = METHODS[method](feats, keys, attn, img, txt, k, GRIDS[n])
-    _check_selection(sel, feats, k)
+    _check_selection(sel, feats, k, ascending=method not in CODE_ORDER)
 
 
 @pytest.mark.parametrize("method", list(METHODS), ids=lambda m: m)
@@ -91,7 +100,7 @@ def test_exact_count_with_duplicate_tokens(method: str) -> None:
     feats = torch.ones(2, n, 8)
     attn = torch.full((2, n), 1.0 / n)
     sel = METHODS[method](feats, feats, attn, torch.ones(2, n, 6), torch.ones(2, 6), k, (4, 6))
-    _check_selection(sel, feats, k)
+    _check_selection(sel, feats, k, ascending=method not in CODE_ORDER)
 
 
 @pytest.mark.parametrize("k", [0, -1], ids=lambda k: f"k={k}")

@@ -329,6 +329,7 @@ def test_bad_server_settings_stop_start_up(tiny_llava, settings, named):
 
 @pytest.mark.e2e
 def test_metrics_count_kept_and_pruned_tokens(server, client, model):
+    # no skip guard: a processor that stops calling record_image must fail here
     before = metrics.parse_metrics(server.get("/metrics"))
     chat(client, model, images=(13,), extra=script_kwargs(method="gsp", budget=48))
     chat(client, model, images=(14,), extra=script_kwargs(method="none"))
@@ -356,6 +357,10 @@ def test_start_up_traffic_is_not_counted(server):
 @pytest.mark.e2e
 def test_start_up_log_states_the_pruning_settings(server):
     log = server.log_text()
+    assert "vllm-script" in log, (
+        "start-up log line not emitted (the 'vllm_script' logger needs vLLM's handlers, "
+        "see docs/serving.md, Observability):\n" + log[-3000:]
+    )
     lines = [line for line in log.splitlines() if "vllm-script" in line and "budget" in line]
     assert lines, log[-3000:]
     assert '"budget":64' in lines[0] and '"method":"script"' in lines[0]

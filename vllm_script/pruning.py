@@ -20,6 +20,11 @@ metric; with `relevance="llm"` TRIM runs on an LLM-space proxy (softmax over pat
 the cosine between the projected tokens and the mean of the question's normalised input
 embeddings) so it also works without a CLIP checkpoint. `negate_relevance` flips the
 sign of CLIP similarities only (the authors' code), for every method that uses them.
+
+`reference="code"` selects as each method's released code does (see README, "Fidelity"):
+the methods get `reference="code"`, and CLIP similarities are negated as every released
+code negates them; Script's code takes raw dot products of the CLIP embeddings (segments
+averaged) and TRIM's the raw dot product with the question's first CLIP segment.
 """
 
 from __future__ import annotations
@@ -181,6 +186,19 @@ class _Group:
     def clip_text_embeds(self) -> torch.Tensor:
         return self.clip_model().text_embeds([item.query_text for item in self.items])
 
+    def clip_text_segments(self) -> list[torch.Tensor]:
+        """B x [T_b, E]: the question's raw (unnormalised) CLIP segment embeddings."""
+        return self.clip_model().text_segment_embeds([item.query_text for item in self.items])
+
+    @property
+    def code(self) -> bool:
+        return self.cfg.reference == "code"
+
+    @property
+    def negate_clip(self) -> bool:
+        """Negate CLIP similarities: asked for, or as every released code does."""
+        return self.cfg.negate_relevance or self.code
+
     def query_embeds(self) -> list[torch.Tensor]:
         return [
             self.ctx.embed_query(
@@ -192,8 +210,13 @@ class _Group:
     def relevance(self) -> torch.Tensor:
         """[B, N] in [0, 1] from the configured source."""
         if self.cfg.relevance == "clip":
+            if self.code and self.cfg.method == "script":  # Script's code: raw dot products
+                text = torch.stack([seg.float().mean(dim=0) for seg in self.clip_text_segments()])
+                image = self.clip_image_embeds()
+                rel = clip_relevance(image, text.to(image.device), negate=True, normalize=False)
+                return rel.to(self.tokens.device)
             return clip_relevance(
-                self.clip_image_embeds(), self.clip_text_embeds(), negate=self.cfg.negate_relevance
+                self.clip_image_embeds(), self.clip_text_embeds(), negate=self.negate_clip
             ).to(self.tokens.device)
         return llm_relevance(self.select_tokens, self.query_embeds())
 
@@ -201,7 +224,11 @@ class _Group:
         """(image embeds [B, N, E], question embeds [B, E]) for TRIM's score."""
         if self.cfg.relevance == "clip":
             image = self.clip_image_embeds()
-            return image, self.clip_text_embeds().to(image.device)
+            if self.code:  # the code truncates the question to one CLIP context
+                text = torch.stack([seg[0].float() for seg in self.clip_text_segments()])
+            else:
+                text = self.clip_text_embeds()
+            return image, text.to(image.device)
         tokens = self.tokens
         text = []
         for q in self.query_embeds():
@@ -225,15 +252,18 @@ def _select(group: _Group, k: int) -> tuple[Selection, torch.Tensor]:
             gamma=cfg.gamma,
             theta=cfg.theta,
             gsp_ratio=cfg.gsp_ratio,
+            reference=cfg.reference,
         )
         return selection, group.tokens
     if method == "qcsp":
-        selection = qcsp_select(group.select_tokens, group.relevance(), k, theta=cfg.theta)
+        selection = qcsp_select(
+            group.select_tokens, group.relevance(), k, theta=cfg.theta, reference=cfg.reference
+        )
         return selection, group.tokens
     if method == "gsp":
         return gsp_select(group.select_tokens, k, tau=cfg.tau, gamma=cfg.gamma), group.tokens
     if method == "divprune":
-        return divprune_select(group.select_tokens, k), group.tokens
+        return divprune_select(group.select_tokens, k, reference=cfg.reference), group.tokens
     if method == "uniform":
         tokens = group.tokens
         selection = uniform_select(n, k, group.items[0].grid, batch=len(group.items))
@@ -242,8 +272,10 @@ def _select(group: _Group, k: int) -> tuple[Selection, torch.Tensor]:
     if method == "trim":
         features = group.features
         image, text = group.trim_embeds()
-        negate = cfg.negate_relevance and cfg.relevance == "clip"
-        selection = trim_select(features, image.to(features.device), text, k, negate=negate)
+        negate = group.negate_clip and cfg.relevance == "clip"  # a CLIP quirk: not the proxy
+        selection = trim_select(
+            features, image.to(features.device), text, k, negate=negate, reference=cfg.reference
+        )
         return selection, features
     if method == "prumerge+":
         features = group.features
@@ -255,7 +287,12 @@ def _select(group: _Group, k: int) -> tuple[Selection, torch.Tensor]:
             num_prefix=layer_keys.shape[1] - n,
         )
         selection = prumerge_plus_select(
-            features, layer_keys[:, -n:], cls_attention, k, group.items[0].grid
+            features,
+            layer_keys[:, -n:],
+            cls_attention,
+            k,
+            group.items[0].grid,
+            reference=cfg.reference,
         )
         return selection, features
     raise NotImplementedError(f"method {method!r} is not wired into the model side")
@@ -270,10 +307,12 @@ def prune_items(
 ) -> list[torch.Tensor]:
     """n images, their settings -> n x [K_i, D] LLM-space rows, K_i = kept_count(N_i, .).
 
-    Kept rows stay in their original order, extra tokens (TRIM's aggregate, PruMerge+'s
-    remainder) follow them. Items whose settings keep every token get all their tokens
-    (the given `tokens` tensor itself when there is one). If `kept_indices` is a list, it
-    receives each item's kept token indices (LongTensor [K_keep], ascending; None for an
+    Kept rows come in `Selection.keep`'s order (original order, except where
+    `reference="code"` reproduces a code that passes another order: PruMerge+), extra
+    tokens (TRIM's aggregate, PruMerge+'s remainder) follow them. Items whose settings
+    keep every token get all their tokens (the given `tokens` tensor itself when there is
+    one). If `kept_indices` is a list, it receives each item's kept token indices
+    (LongTensor [K_keep], row i of the output is token `kept_indices[i]`; None for an
     unpruned item), e.g. to give kept tokens their original positions.
     """
     out: list[torch.Tensor | None] = [None] * len(items)
@@ -339,6 +378,7 @@ def _record(group: _Group, selection: Selection, k: int) -> None:
             {
                 "method": group.cfg.method,
                 "relevance": group.cfg.relevance,
+                "reference": group.cfg.reference,
                 "num_tokens": item.num_tokens,
                 "kept": k,
                 "keep": selection.keep[row].tolist(),

@@ -5,7 +5,8 @@
 Every `*_select` function takes a batch of B images of N tokens each and a budget k and
 returns a `Selection` of exactly min(k, N) rows per image:
 
-- `keep` [B, K_keep]: indices of the kept tokens, ascending (original order);
+- `keep` [B, K_keep]: indices of the kept tokens in the order the LLM receives them,
+  ascending (original order) unless `reference="code"` reproduces another order;
 - `kept_values` [B, K_keep, D] or None: replacement rows for the kept tokens (PruMerge+
   merges neighbours into them), None = gather the kept tokens as they are;
 - `extra` [B, M, D] or None: tokens the method made (TRIM's aggregate, PruMerge+'s
@@ -14,6 +15,9 @@ returns a `Selection` of exactly min(k, N) rows per image:
   paper's adaptive IQR rule would have kept, to choose fixed budgets offline.
 
 `apply_selection(tokens, selection)` -> [B, K, D] builds the rows the model receives.
+
+`reference="paper"` (default) follows each method's paper; `reference="code"` selects
+exactly what the authors' released code selects on the same inputs (README, "Fidelity").
 
 Inputs are named by what they are:
 

@@ -6,13 +6,24 @@ from dataclasses import dataclass, field
 
 import torch
 
+from vllm_script.config import REFERENCES
+
+
+def check_reference(reference: object) -> str:
+    """Raise ValueError naming `reference` unless it is "paper" or "code"."""
+    if not isinstance(reference, str) or reference not in REFERENCES:
+        raise ValueError(f"reference={reference!r} is not allowed; use one of {list(REFERENCES)}")
+    return reference
+
 
 @dataclass
 class Selection:
     """The outcome of one method on a batch of B images of N tokens each.
 
-    keep:        LongTensor [B, K_keep], indices into the N tokens, ascending (original
-                 spatial order).
+    keep:        LongTensor [B, K_keep], indices into the N tokens in the order the LLM
+                 receives them: ascending (original spatial order), except where
+                 `reference="code"` reproduces a code that passes another order
+                 (PruMerge+: outliers by descending attention, then the stride tokens).
     kept_values: [B, K_keep, D] or None. Replacement rows for the kept tokens (e.g.
                  PruMerge+ merges neighbours into them); None means "gather as is".
     extra:       [B, M, D] or None. Tokens made by the method (e.g. TRIM's aggregate of
@@ -34,7 +45,7 @@ class Selection:
 
 
 def apply_selection(tokens: torch.Tensor, selection: Selection) -> torch.Tensor:
-    """[B, N, D] -> [B, K, D]: kept rows in original order, then the extra tokens."""
+    """[B, N, D] -> [B, K, D]: kept rows in `selection.keep`'s order, then the extra tokens."""
     if selection.kept_values is not None:
         kept = selection.kept_values.to(tokens.dtype)
     else:

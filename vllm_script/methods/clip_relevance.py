@@ -21,7 +21,11 @@ def min_max(scores: torch.Tensor) -> torch.Tensor:
 
 
 def clip_relevance(
-    clip_image_embeds: torch.Tensor, clip_text_embeds: torch.Tensor, *, negate: bool = False
+    clip_image_embeds: torch.Tensor,
+    clip_text_embeds: torch.Tensor,
+    *,
+    negate: bool = False,
+    normalize: bool = True,
 ) -> torch.Tensor:
     """[B, N, E], [B, E] or [B, T, E] -> [B, N] fp32 in [0, 1].
 
@@ -30,7 +34,9 @@ def clip_relevance(
     embedding of the question (per 77-token segment with [B, T, E]: the segments are
     L2-normalised and averaged first, as `ClipRelevance.text_embeds` does).
     `negate=True` flips the sign before the min-max, as the authors' code does (a CLIP
-    quirk they rely on); the default follows the papers' text.
+    quirk they rely on); the default follows the papers' text. `normalize=False` takes raw
+    dot products of the embeddings as given (segments averaged unnormalised), as Script's
+    released code does; CDPruner's takes cosines (the default).
     """
     check_tensor("clip_image_embeds", clip_image_embeds, 3, "[B, N, E]")
     check_tensor("clip_text_embeds", clip_text_embeds, (2, 3), "[B, E] or [B, T, E]")
@@ -40,12 +46,13 @@ def clip_relevance(
             f"clip_text_embeds must have shape [B, E] or [B, T, E] with B = {bsz} and "
             f"E = {dim} (from clip_image_embeds), got {list(clip_text_embeds.shape)}"
         )
-    text = clip_text_embeds.float()
-    if text.dim() == 3:
-        text = F.normalize(text, dim=-1).mean(dim=1)
-    sim = torch.einsum(
-        "bne,be->bn",
-        F.normalize(clip_image_embeds.float(), dim=-1),
-        F.normalize(text.to(clip_image_embeds.device), dim=-1),
-    )
+    text = clip_text_embeds.float().to(clip_image_embeds.device)
+    image = clip_image_embeds.float()
+    if normalize:
+        if text.dim() == 3:
+            text = F.normalize(text, dim=-1).mean(dim=1)
+        text, image = F.normalize(text, dim=-1), F.normalize(image, dim=-1)
+    elif text.dim() == 3:
+        text = text.mean(dim=1)
+    sim = torch.einsum("bne,be->bn", image, text)
     return min_max(-sim if negate else sim)

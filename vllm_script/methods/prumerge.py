@@ -1,12 +1,15 @@
 """PruMerge+ (LLaVA-PruMerge, arXiv 2403.15388): keep CLS-attention outliers + uniform tokens,
 merge the rest into them.
 
-Paper vs the authors' code: the paper merges each kept token's cluster by a weighted
-*average* (weights = CLS attention); the code adds the attention-weighted *sum* of the
-neighbours to the unchanged kept token and makes the extra token an unnormalised
-attention-weighted sum. `normalize=True` (default) is the paper, `normalize=False` the code.
-Both draw a kept token's neighbours from every other token (kept or pruned);
-`merge_pool="pruned"` restricts them to the pruned tokens.
+Paper vs the authors' code (github.com/42Shawn/LLaVA-PruMerge, clip_encoder.py
+`token_prune_merge_advanced_plus`): the paper merges each kept token's cluster by a
+weighted *average* (weights = CLS attention); the code adds the attention-weighted *sum*
+of the neighbours to the unchanged kept token and makes the extra token an unnormalised
+attention-weighted sum (`normalize=False`). Both draw a kept token's neighbours from every
+other token (kept or pruned); `merge_pool="pruned"` restricts them to the pruned tokens.
+The code's kept list (`reference="code"`, `code_keep_order`) is the outliers by
+descending attention, then every s-th token in raster order that is not an outlier; the
+paper's (default) the outliers topped up from a 2-D sub-grid, in spatial order.
 """
 
 from __future__ import annotations
@@ -16,8 +19,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from vllm_script.methods.base import Selection
-from vllm_script.methods.trim import check_tensor, iqr_outliers
+from vllm_script.methods.base import Selection, check_reference
+from vllm_script.methods.trim import check_tensor, code_count, code_iqr_outliers, iqr_outliers
 from vllm_script.methods.uniform import check_grid, check_int, uniform_indices
 
 NUM_NEIGHBORS = 32  # the paper's cluster size
@@ -108,6 +111,52 @@ def select_outliers_plus_uniform(
     return torch.stack(rows).sort(dim=1).values.to(cls_attention.device)
 
 
+def code_stride(num_outliers: int, n: int) -> int:
+    """The code's raster stride s = int(int(1 / (c / N)) / 3), in float64 as it computes it.
+
+    Where the code fails, the safe limit: c = 0 (it divides by zero) gives s = N (only
+    token 0), and s = 0 (c > N / 3: `arange` with step 0 raises) gives s = 1.
+    """
+    if num_outliers == 0:
+        return n
+    return max(1, int(int(1 / (num_outliers / n)) / 3))
+
+
+def code_keep_order(
+    cls_attention: torch.Tensor, m: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[B, N], m -> (keep [B, m], iqr_count [B], code_tokens [B]): the code's kept list.
+
+    The code keeps `c' = int(N * (c / N))` tokens of highest attention (c = IQR outliers
+    by `code_iqr_outliers`), in descending attention (ties to the lowest index), then the
+    positions `0, s, 2s, ... < N - 1` (`code_stride`; the code's bound is 575 for N = 576)
+    that are not among them, ascending; `code_tokens` = that list's length + 1 (the extra
+    token). `keep` is the list's first m entries, or the list then the remaining tokens by
+    descending attention when m is longer: with `m = code_tokens - 1` it is the code's
+    list exactly, in the order the code passes the tokens to the LLM.
+    """
+    bsz, n = cls_attention.shape
+    order = torch.sort(cls_attention.float(), dim=1, descending=True, stable=True).indices.cpu()
+    outlier_mask = code_iqr_outliers(cls_attention)
+    counts = code_count(outlier_mask).cpu()
+    outliers = outlier_mask.sum(dim=1).tolist()
+    rows, tokens = [], []
+    for b in range(bsz):
+        top = order[b, : int(counts[b])]
+        is_top = torch.zeros(n, dtype=torch.bool).scatter(0, top, True)
+        stride = torch.arange(0, n - 1, code_stride(int(outliers[b]), n))
+        listed = torch.cat([top, stride[~is_top[stride]]])
+        tokens.append(listed.numel() + 1)
+        listed_mask = torch.zeros(n, dtype=torch.bool).scatter(0, listed, True)
+        rest = order[b][~listed_mask[order[b]]]
+        rows.append(torch.cat([listed, rest])[:m])
+    device = cls_attention.device
+    keep = (
+        torch.stack(rows).to(device) if rows else torch.empty(0, m, dtype=torch.long, device=device)
+    )
+    return keep, counts.to(device), torch.tensor(tokens, dtype=torch.long, device=device)
+
+
 def _weighted_mean(
     weights: torch.Tensor, support: torch.Tensor, values: torch.Tensor, normalize: bool
 ) -> torch.Tensor:
@@ -131,8 +180,9 @@ def prumerge_plus_select(
     grid: tuple[int, int] | None,
     *,
     num_neighbors: int = NUM_NEIGHBORS,
-    normalize: bool = True,
+    normalize: bool | None = None,
     merge_pool: Literal["all", "pruned"] = "all",
+    reference: str = "paper",
 ) -> Selection:
     """[B, N, Dv], [B, N, Dk], [B, N], k, (h, w) -> Selection of exactly min(k, N) tokens.
 
@@ -143,7 +193,9 @@ def prumerge_plus_select(
 
     - k >= N: every token kept as is (no merge, no extra token).
     - 1 <= k < N: m = k - 1 tokens kept by `select_outliers_plus_uniform` (`keep`
-      ascending); each kept token i is merged with its `num_neighbors` nearest tokens j
+      ascending), or under "code" by `code_keep_order` (`keep` in the code's order, the
+      order the LLM receives them); each kept token i is merged with its
+      `num_neighbors` nearest tokens j
       by key cosine (from all other tokens, or only the pruned ones with
       `merge_pool="pruned"`; fewer if fewer exist; ties to the lowest index):
       `kept_values_i = (a_i x_i + sum_j a_j x_j) / (a_i + sum_j a_j)` (paper), or
@@ -151,10 +203,17 @@ def prumerge_plus_select(
       `sum_p a_p x_p / sum_p a_p` over the pruned tokens p (code: not divided).
       k == 1 therefore gives only the extra token, the attention-weighted mean of all.
       With `normalize`, a zero weight sum falls back to the plain mean of the group.
+      `normalize` None: True for "paper", False for "code".
 
-    info: "iqr_count" LongTensor [B] (the IQR outlier count, PruMerge's adaptive size);
-    "neighbors" LongTensor [B, k - 1, n_nb], each kept token's merged neighbours.
+    info: "iqr_count" LongTensor [B] (the IQR outlier count, PruMerge's adaptive size;
+    "code": the number of outliers the code keeps); "neighbors" LongTensor
+    [B, k - 1, n_nb], each kept token's merged neighbours. "code" also gives
+    "code_tokens" [B], the rows the authors' code passes to the LLM (outliers + stride
+    tokens + 1 extra): with that budget the rows are exactly the code's.
     """
+    check_reference(reference)
+    if normalize is None:
+        normalize = reference == "paper"
     check_tensor("features", features, 3, "[B, N, Dv]")
     check_tensor("keys", keys, 3, "[B, N, Dk]")
     check_tensor("cls_attention", cls_attention, 2, "[B, N]")
@@ -178,12 +237,19 @@ def prumerge_plus_select(
     if grid is not None:
         grid = check_grid(grid, n)
     device = features.device
-    info = {"iqr_count": iqr_outliers(cls_attention).sum(dim=1)}
+    m = min(k, n) - 1
+    if reference == "code":
+        code_keep, count, tokens = code_keep_order(cls_attention, m)
+        info = {"iqr_count": count, "code_tokens": tokens}
+    else:
+        info = {"iqr_count": iqr_outliers(cls_attention).sum(dim=1)}
     if k >= n:
         return Selection(keep=torch.arange(n, device=device).expand(bsz, n).contiguous(), info=info)
 
-    m = k - 1
-    keep = select_outliers_plus_uniform(cls_attention, m, grid)
+    if reference == "code":
+        keep = code_keep
+    else:
+        keep = select_outliers_plus_uniform(cls_attention, m, grid)
     kept_mask = torch.zeros(bsz, n, dtype=torch.bool, device=device).scatter(1, keep, True)
     attn = cls_attention.float()
     values = features.float()
