@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from vllm_script import ops
-from vllm_script.methods.base import Selection
+from vllm_script.methods.base import Selection, gather_rows
 
 # below this degree the code blends in the mean similarity to all dst tokens
 LOW_DEGREE = 4
@@ -48,7 +48,7 @@ def gsp_select(
     bsz, n, dim = features.shape
     alive = torch.arange(n, device=features.device).expand(bsz, n)
     while alive.shape[1] > k:
-        sub = features.gather(1, alive.unsqueeze(-1).expand(-1, -1, dim))
+        sub = gather_rows(features, alive)
         order = redundancy_order(gsp_scores(sub, tau, gamma)[0])
         n_remove = min(alive.shape[1] - k, order.shape[1])
         drop = 2 * order[:, :n_remove]  # src position i is token 2i of the round
