@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from vllm_script.config import ScriptSettings, kept_count
+from vllm_script.cpu_threads import selection_threads
 from vllm_script.methods import (
     Selection,
     apply_selection,
@@ -102,9 +103,17 @@ class ImageInput:
 
     @property
     def num_tokens(self) -> int:
+        return self._ref.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self._ref.device
+
+    @property
+    def _ref(self) -> torch.Tensor:
         ref = self.tokens if self.tokens is not None else self.features
         assert ref is not None, "an ImageInput needs tokens or features"
-        return ref.shape[0]
+        return ref
 
 
 @dataclass
@@ -338,8 +347,9 @@ def prune_items(
     for (n, cfg), idxs in groups.items():
         k = kept_count(n, cfg)
         group = _Group([items[i] for i in idxs], cfg, ctx)
-        selection, source = _select(group, k)
-        pruned = apply_selection(source, selection)
+        with selection_threads(group.items[0].device):
+            selection, source = _select(group, k)
+            pruned = apply_selection(source, selection)
         if cfg.method in VISION_SPACE_METHODS:
             pruned = _project(ctx, pruned)
         if pruned.shape[1] != k:

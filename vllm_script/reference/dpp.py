@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+from vllm_script.cpu_threads import selection_threads
 from vllm_script.reference import dpp_cpu
 
 # A gain d_i^2 at or below GAIN_EPS * max_i L_ii is treated as zero: fp32 Cholesky
@@ -97,37 +98,11 @@ def _dots(features: torch.Tensor, rows: torch.Tensor | None, cols: torch.Tensor)
     return out
 
 
-# Threads the PyTorch lazy queue uses on CPU (restored on exit): it runs a dozen tiny ops
-# and skinny GEMMs per step, where OpenMP fork/join costs more than the ops and idle
-# workers spin and steal the core (benchmarks/bench_kernels.py, rows torch-lazy, --threads).
-CPU_THREADS = 1
-
 # Without the compiled path, up to this many tokens per image the materialised loop (one
 # N x N GEMM, then K steps over rows of L) is the faster PyTorch path; above it the lazy
 # queue, whose memory stays O(N (K + D)) (bench_kernels.py rows torch-loop / torch-lazy).
 # Same picks either way (same arithmetic and tie rule).
 MATERIALISE_MAX_N = 2048
-
-
-class _Threads:
-    """Run the twin on `CPU_THREADS` threads (CPU tensors only); restore the count on exit.
-
-    `torch.set_num_threads` is process-wide: another Python thread running torch ops at the
-    same time would see the lower count until this returns.
-    """
-
-    def __init__(self, device: torch.device):
-        self.all = torch.get_num_threads()
-        self.mine = min(self.all, CPU_THREADS) if device.type == "cpu" else self.all
-
-    def __enter__(self):
-        if self.mine != self.all:
-            torch.set_num_threads(self.mine)
-        return self
-
-    def __exit__(self, *exc):
-        if self.mine != self.all:
-            torch.set_num_threads(self.all)
 
 
 def _greedy_one(
@@ -178,7 +153,7 @@ def _greedy_one(
             g = g - chol[:t0, p_idx].T @ c_cols
         return torch.linalg.solve_triangular(tri[:p, :p], g, upper=False)
 
-    with _Threads(device):
+    with selection_threads(device):
         for t in range(k):
             p = t - t0
             while True:
