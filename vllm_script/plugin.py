@@ -26,6 +26,16 @@ ARCHITECTURES = {
     "Qwen2_5_VLForConditionalGeneration": (
         "vllm_script.models.qwen2_5_vl:ScriptQwen2_5_VLForConditionalGeneration"
     ),
+    # the generic 1-D adapter: classes made from rows of vllm_script.models.generic
+    "Gemma3ForConditionalGeneration": (
+        "vllm_script.models.generic:ScriptGemma3ForConditionalGeneration"
+    ),
+    "InternVLForConditionalGeneration": (
+        "vllm_script.models.generic:ScriptInternVLForConditionalGeneration"
+    ),
+    "LlavaOnevisionForConditionalGeneration": (
+        "vllm_script.models.generic:ScriptLlavaOnevisionForConditionalGeneration"
+    ),
 }
 
 _registered = False
