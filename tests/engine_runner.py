@@ -5,13 +5,12 @@ import sys
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 
-from engine_utils import ENGINE_KWARGS, run_batch, run_requests  # noqa: E402
+from engine_utils import ENGINE_KWARGS, run_requests  # noqa: E402
 
 if __name__ == "__main__":
     from vllm import LLM
 
     spec = json.loads(sys.stdin.read())
     llm = LLM(model=spec["model"], **{**ENGINE_KWARGS, **spec["engine_kwargs"]})
-    run = run_batch if spec.get("batch") else run_requests
-    results = run(llm, spec["requests"])
+    results = run_requests(llm, spec["requests"])
     print("ENGINE_RUNNER_RESULT " + json.dumps(results), flush=True)

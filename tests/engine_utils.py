@@ -43,7 +43,7 @@ TEMPLATES = {
     ),
     "llava_onevision": (
         "<|im_start|>user {media}{question}<|im_end|> <|im_start|>assistant ",
-        "<image>",
+        "<image>\n",
         None,
     ),
 }
@@ -125,22 +125,15 @@ def run_in_fresh_engine(
     plugins: bool = True,
     engine_kwargs: dict | None = None,
     timeout: float = 600,
-    batch: bool = False,
 ) -> list[dict]:
-    """Start a new engine in a separate Python process and run `requests` there
-    (one by one, or in one generate call with `batch=True`).
+    """Start a new engine in a separate Python process and run `requests` there.
 
     plugins=False runs vanilla vLLM (VLLM_PLUGINS set to an allow-list matching nothing),
     which a process that already loaded the plugin cannot do.
     """
     env = dict(os.environ)
     env["VLLM_PLUGINS"] = "script" if plugins else "none-at-all"
-    spec = {
-        "model": str(model_dir),
-        "requests": requests,
-        "engine_kwargs": engine_kwargs or {},
-        "batch": batch,
-    }
+    spec = {"model": str(model_dir), "requests": requests, "engine_kwargs": engine_kwargs or {}}
     proc = subprocess.run(
         [sys.executable, str(RUNNER)],
         input=json.dumps(spec),

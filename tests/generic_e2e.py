@@ -4,8 +4,9 @@ A module costs two engine starts: one engine with the plugin and a server-wide b
 (in the test process), and vanilla vLLM once in a separate process. All requests run
 in a few combined batches (`run_case`); the tests read the results:
 
-- parity: the same batch in both engines, every request unpruned (per-request
-  `method: none`, or a budget above N): prompts, answers and logprobs equal exactly;
+- parity: the same requests in both engines, one at a time (so the encoder batches the
+  same items in both), every request unpruned (per-request `method: none`, or a budget
+  above N): prompts, answers and logprobs equal exactly;
 - pruned: each image alone at the server's budget and at a per-request override
   (another method and budget), and two images in one prompt; N per image is read from
   the vanilla prompt (the run of the image's embedding token), K = min(budget, N);
@@ -70,16 +71,14 @@ def run_case(case: Case, model_dir) -> dict:
         + [{**r, "mm_processor_kwargs": {"script": OVERRIDE}} for r in plain[: len(sizes)]]
         + [plain[len(sizes)]]
     )
-    vanilla = run_in_fresh_engine(
-        model_dir, plain, plugins=False, engine_kwargs=case.engine, batch=True
-    )
+    vanilla = run_in_fresh_engine(model_dir, plain, plugins=False, engine_kwargs=case.engine)
     llm = LLM(model=str(model_dir), hf_overrides={"script": SERVER}, **case.engine)
     try:
         tokenizer = llm.get_tokenizer()
         out = {
             "embed_id": tokenizer.convert_tokens_to_ids(case.embed_token),
             "vanilla": vanilla,
-            "unpruned": run_batch(llm, unpruned),
+            "unpruned": run_requests(llm, unpruned),
         }
         before = len(llm.collective_rpc(recent_selections)[0])
         out["pruned"] = run_batch(llm, pruned)

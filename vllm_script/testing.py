@@ -757,7 +757,7 @@ def write_tiny_llava_onevision(
     template = _chatml("<image>\\n")
     _write_tokenizer(
         path,
-        special_tokens=CHATML_TOKENS + ["<image>", "<video>"],
+        special_tokens=CHATML_TOKENS + ["<image>", "<video>", "\n"],  # "\n" after each image
         named_tokens={"image_token": "<image>", "video_token": "<video>"},
         chat_template=template,
         eos_token="<|im_end|>",
