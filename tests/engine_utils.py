@@ -125,11 +125,13 @@ def run_in_fresh_engine(
     plugins: bool = True,
     engine_kwargs: dict | None = None,
     timeout: float = 600,
+    output: list[str] | None = None,
 ) -> list[dict]:
     """Start a new engine in a separate Python process and run `requests` there.
 
     plugins=False runs vanilla vLLM (VLLM_PLUGINS set to an allow-list matching nothing),
-    which a process that already loaded the plugin cannot do.
+    which a process that already loaded the plugin cannot do. If `output` is a list, the
+    process's stdout and stderr (its engine and workers' logs) are appended to it.
     """
     env = dict(os.environ)
     env["VLLM_PLUGINS"] = "script" if plugins else "none-at-all"
@@ -142,6 +144,8 @@ def run_in_fresh_engine(
         env=env,
         timeout=timeout,
     )
+    if output is not None:
+        output += [proc.stdout, proc.stderr]
     marker = "ENGINE_RUNNER_RESULT "
     for line in proc.stdout.splitlines():
         if line.startswith(marker):

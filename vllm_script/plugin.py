@@ -38,6 +38,12 @@ ARCHITECTURES = {
     ),
 }
 
+# vLLM's other multimodal architectures -> their in-tree (module, class); filled by
+# register(), which points each at vllm_script.models.unpruned (same model, plus one
+# start-up line saying that pruning is off for it and why)
+UNPRUNED: dict[str, tuple[str, str]] = {}
+UNPRUNED_MODULE = "vllm_script.models.unpruned"
+
 _registered = False
 
 
@@ -96,5 +102,27 @@ def register() -> None:
 
     for arch, target in ARCHITECTURES.items():
         ModelRegistry.register_model(arch, target)
+    UNPRUNED.update(unpruned_architectures(ModelRegistry))
+    for arch in UNPRUNED:
+        ModelRegistry.register_model(arch, f"{UNPRUNED_MODULE}:{arch}")
     _registered = True
     logger.debug("vllm-script: registered %s", ", ".join(ARCHITECTURES))
+
+
+def unpruned_architectures(registry) -> dict[str, tuple[str, str]]:
+    """vLLM's in-tree multimodal architectures not in ARCHITECTURES -> (module, class).
+
+    An architecture another plugin registered (its module outside `vllm.`) is left alone.
+    """
+    try:
+        from vllm.model_executor.models.registry import _MULTIMODAL_MODELS
+    except ImportError:  # a vLLM without that table: nothing is announced
+        return {}
+    found = {}
+    for arch in _MULTIMODAL_MODELS:
+        entry = registry.models.get(arch)
+        module = getattr(entry, "module_name", "")
+        if arch in ARCHITECTURES or not module.startswith("vllm."):
+            continue
+        found[arch] = (module, entry.class_name)
+    return found

@@ -804,3 +804,84 @@ def write_tiny_llava_onevision(
     config.save_pretrained(path)
     (path / "vllm_script_tiny.json").write_text(json.dumps(stamp))
     return path
+
+
+def write_tiny_qwen2_vl(
+    path: str | Path,
+    *,
+    seed: int = 0,
+    vision_hidden: int = 64,
+    text_hidden: int = 128,
+    head_dim: int = 64,
+    dtype: str = "bfloat16",
+    init_std: float = 0.2,
+) -> Path:
+    """Write a random-weight Qwen2-VL (`Qwen2VLForConditionalGeneration`) checkpoint: an
+    architecture vllm-script does not prune (M-RoPE without an adapter), for the tests of
+    what the plugin says about such a model. Images as `write_tiny_qwen2_5_vl`'s."""
+    import torch
+    from transformers import (
+        AutoTokenizer,
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
+        Qwen2VLImageProcessor,
+        Qwen2VLProcessor,
+        Qwen2VLVideoProcessor,
+    )
+
+    path = Path(path)
+    stamp = {
+        "format": TINY_FORMAT,
+        "arch": "qwen2_vl",
+        "seed": seed,
+        "dims": [vision_hidden, text_hidden, head_dim],
+        "dtype": dtype,
+        "init_std": init_std,
+    }
+    if _stamp_matches(path, stamp):
+        return path
+    _write_tokenizer(
+        path,
+        special_tokens=QWEN_SPECIAL_TOKENS,
+        named_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"},
+        chat_template=QWEN_CHAT_TEMPLATE,
+        eos_token="<|im_end|>",
+    )
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    pixels = {"shortest_edge": 28 * 28 * 4, "longest_edge": 28 * 28 * 64}
+    Qwen2VLProcessor(
+        image_processor=Qwen2VLImageProcessor(size=pixels),
+        video_processor=Qwen2VLVideoProcessor(size=pixels),
+        tokenizer=tokenizer,
+        chat_template=QWEN_CHAT_TEMPLATE,
+    ).save_pretrained(path)
+    ids = tokenizer.convert_tokens_to_ids
+    text = _qwen2_text_config(tokenizer, text_hidden, 2, head_dim, init_std)
+    text["rope_parameters"] = {
+        "rope_type": "default",
+        "rope_theta": 1e6,
+        "mrope_section": [head_dim // 8, 3 * head_dim // 16, 3 * head_dim // 16],
+    }
+    config = Qwen2VLConfig(
+        vision_config={
+            "depth": 2,
+            "embed_dim": vision_hidden,
+            "hidden_size": text_hidden,
+            "mlp_ratio": 2,
+            "num_heads": max(1, vision_hidden // 32),
+            "initializer_range": init_std,
+        },
+        text_config={k: v for k, v in text.items() if k != "model_type"},
+        image_token_id=ids("<|image_pad|>"),
+        video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"),
+        vision_end_token_id=ids("<|vision_end|>"),
+    )
+    config.dtype = dtype
+    config.architectures = ["Qwen2VLForConditionalGeneration"]
+    torch.manual_seed(seed)
+    model = Qwen2VLForConditionalGeneration(config).eval()
+    _save_hub_layout(model, path, dtype, [])
+    config.save_pretrained(path)
+    (path / "vllm_script_tiny.json").write_text(json.dumps(stamp))
+    return path
