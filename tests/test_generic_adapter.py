@@ -45,7 +45,7 @@ def test_embed_runs(full, runs):
     ids=["k1", "k-equals-n", "text-both-sides", "text-after", "text-before-k-n"],
 )
 def test_shrink_keeps_text_around_one_run(full, keep, expected):
-    ids, mask = shrink_replacement(full, _mask(full), keep, join_runs=False, where="x")
+    ids, mask = shrink_replacement(full, _mask(full), keep, where="x")
     assert ids == expected
     assert list(mask) == _mask(expected)
 
@@ -53,19 +53,13 @@ def test_shrink_keeps_text_around_one_run(full, keep, expected):
 def test_several_runs_are_refused_naming_them():
     full = [7, E, E, T, E, E, E, T, E, 8]
     with pytest.raises(SettingsError, match=r"6 visual tokens come in 3 runs .*\[2, 3, 1\]"):
-        shrink_replacement(full, _mask(full), 2, join_runs=False, where="Gemma3 image 0")
-
-
-def test_several_runs_joined_drop_the_text_between():
-    full = [7, E, E, T, E, E, E, T, E, 8]
-    ids, mask = shrink_replacement(full, _mask(full), 2, join_runs=True, where="x")
-    assert ids == [7, E, E, 8] and list(mask) == [False, True, True, False]
+        shrink_replacement(full, _mask(full), 2, where="Gemma3 image 0")
 
 
 def test_embedding_tokens_with_several_ids_are_an_error():
     full = [7, E, 6, 8]
     with pytest.raises(RuntimeError, match=r"several ids \[6, 9\]"):
-        shrink_replacement(full, [False, True, True, False], 1, join_runs=False, where="x")
+        shrink_replacement(full, [False, True, True, False], 1, where="x")
 
 
 def test_plugin_registers_every_row_lazily():

@@ -714,6 +714,7 @@ def write_tiny_llava_onevision(
     seed: int = 0,
     image_size: int = 112,
     patch_size: int = 14,
+    grid_pinpoints: list | None = None,
     vision_hidden: int = 64,
     vision_layers: int = 2,
     text_hidden: int = 128,
@@ -727,9 +728,9 @@ def write_tiny_llava_onevision(
 
     Defaults are small: `image_size`-px crops of `patch_size`-px patches (64 tokens per
     crop) and pinpoints up to 2x2 crops, so an image is base crop + unpadded tiles + one
-    newline per row (the released 384-px models give 729 per crop, up to 7290 per image
-    before their `anyres_max_9` pooling). The image enters the prompt as N `<image>`
-    tokens: one run.
+    newline per row (the released models: 384-px crops, 729 tokens each, pinpoints up to
+    6x6 crops, tiles pooled down past 9 crops' worth by `anyres_max_9`). The image enters
+    the prompt as N `<image>` tokens: one run.
     """
     import torch
     from transformers import (
@@ -747,6 +748,7 @@ def write_tiny_llava_onevision(
         "arch": "llava_onevision",
         "seed": seed,
         "image": [image_size, patch_size],
+        "grid_pinpoints": grid_pinpoints,
         "vision": [vision_hidden, vision_layers],
         "text": [text_hidden, text_layers, head_dim],
         "dtype": dtype,
@@ -763,7 +765,11 @@ def write_tiny_llava_onevision(
         eos_token="<|im_end|>",
     )
     tokenizer = AutoTokenizer.from_pretrained(path)
-    pinpoints = [[image_size, 2 * image_size], [2 * image_size, image_size], [2 * image_size] * 2]
+    pinpoints = grid_pinpoints or [
+        [image_size, 2 * image_size],
+        [2 * image_size, image_size],
+        [2 * image_size] * 2,
+    ]
     size = {"height": image_size, "width": image_size}
     LlavaOnevisionProcessor(
         image_processor=LlavaOnevisionImageProcessor(size=size, image_grid_pinpoints=pinpoints),

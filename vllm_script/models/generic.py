@@ -17,11 +17,9 @@ model with bidirectional attention over an image, as Gemma 3, gets it over the k
 tokens' range from vLLM's placeholder ranges).
 
 An image whose embedding tokens form several runs separated by text (Gemma 3's
-pan-and-scan crops, each introduced by text; Pixtral's per-row `[IMG_BREAK]`) cannot
-keep that text in place, since which rows survive is known only after the encoder. A row
-chooses: refuse to prune such an image (a clear per-request error; the default), or join
-the runs (the text between them is dropped, the text before the first and after the last
-kept).
+pan-and-scan crops, each introduced by text; Pixtral's per-row `[IMG_BREAK]`) is refused
+with a per-request error: which rows survive is known only after the encoder, so that
+text cannot stay in place.
 
 Per architecture there is only a row of `ARCHITECTURES`; the classes are made from it
 on first use (`ScriptGemma3ForConditionalGeneration`, ...) and registered as lazy
@@ -56,15 +54,10 @@ class GenericRow:
 
     arch:       the architecture name in the checkpoint's config (vLLM's registry key).
     model:      "module:Class" of vLLM's in-tree model class for it.
-    join_runs:  an image whose embedding tokens form several runs may be pruned, the
-                text between the runs dropped (False: such an image is refused).
-    note:       what the README says about this architecture's images.
     """
 
     arch: str
     model: str
-    join_runs: bool = False
-    note: str = ""
 
     @property
     def short_name(self) -> str:
@@ -78,23 +71,23 @@ class GenericRow:
 ARCHITECTURES: dict[str, GenericRow] = {
     row.arch: row
     for row in (
+        # 256 tokens per image (SigLIP 896 px, pooled 4x4); pan-and-scan crops are
+        # separate runs with text between them, refused when pruning
         GenericRow(
             "Gemma3ForConditionalGeneration",
             "vllm.model_executor.models.gemma3_mm:Gemma3ForConditionalGeneration",
-            note="256 tokens per image (SigLIP 896 px, pooled 4x4); pan-and-scan crops "
-            "(do_pan_and_scan) are refused when pruning, the crops being separated by text",
         ),
+        # 256 tokens per 448-px tile, 1-12 tiles + a thumbnail, all one run: the budget
+        # is per image, over all its tiles; videos are not pruned
         GenericRow(
             "InternVLForConditionalGeneration",
             "vllm.model_executor.models.interns1:InternS1ForConditionalGeneration",
-            note="256 tokens per 448-px tile, 1-12 tiles + a thumbnail; the budget is per "
-            "image, over all its tiles",
         ),
+        # base crop + any-resolution tiles + one newline token per row, one run; videos
+        # are not pruned
         GenericRow(
             "LlavaOnevisionForConditionalGeneration",
             "vllm.model_executor.models.llava_onevision:LlavaOnevisionForConditionalGeneration",
-            note="base crop + any-resolution tiles + one newline token per row; videos "
-            "are not pruned",
         ),
     )
 }
@@ -126,18 +119,17 @@ class _FixedMask:
 
 
 def shrink_replacement(
-    full: Sequence[int], mask: Sequence[bool], keep: int, *, join_runs: bool, where: str
+    full: Sequence[int], mask: Sequence[bool], keep: int, *, where: str
 ) -> tuple[list[int], tuple[bool, ...]]:
     """A replacement's token ids and embedding mask -> the same with `keep` embedding tokens.
 
-    The embedding tokens become one run of `keep` copies of their token id at the place
-    of the first run; the text before the first run and after the last is kept. Several
-    runs (text between them) are joined only if `join_runs`, else SettingsError.
+    The run of embedding tokens becomes `keep` copies of their token id; the text before
+    and after it is kept. Several runs (text between them): SettingsError.
     """
     runs = embed_runs(mask)
     if not runs:
         raise RuntimeError(f"vllm-script: {where}: the image has no embedding tokens")
-    if len(runs) > 1 and not join_runs:
+    if len(runs) > 1:
         sizes = [end - start for start, end in runs]
         raise SettingsError(
             f"{where}: this image's {sum(sizes)} visual tokens come in {len(runs)} runs "
@@ -152,7 +144,7 @@ def shrink_replacement(
             f"{sorted(embed_ids)}; the generic adapter repeats one"
         )
     token = embed_ids.pop()
-    first, last = runs[0][0], runs[-1][1]
+    ((first, last),) = runs
     ids = list(full[:first]) + [token] * keep + list(full[last:])
     new_mask = (False,) * first + (True,) * keep + (False,) * (len(full) - last)
     return ids, new_mask
@@ -255,7 +247,6 @@ class GenericProcessorMixin(ScriptProcessorMixin):
                     full,
                     mask,
                     k,
-                    join_runs=row.join_runs,
                     where=f"{row.short_name} image {item_idx}",
                 )
                 if all(new_mask):
