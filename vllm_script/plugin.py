@@ -2,7 +2,9 @@
 
 `register()` runs once in every vLLM process (front-end, engine core, each worker). It
 is idempotent and cheap: it checks the vLLM version and registers model classes as lazy
-"module:Class" strings; nothing heavy is imported until vLLM resolves a model.
+"module:Class" strings; nothing heavy is imported until vLLM resolves a model. vLLM's
+other multimodal architectures are pointed at `vllm_script.models.unpruned`: their own
+class, which says once at start-up that pruning is off for them and why.
 """
 
 from __future__ import annotations
