@@ -48,6 +48,34 @@ def tiny_qwen(tmp_path_factory) -> Path:
     return write_tiny_qwen2_5_vl(path, **model_preset("tiny"))
 
 
+@pytest.fixture(scope="session")
+def tiny_gemma3(tmp_path_factory) -> Path:
+    from vllm_script.testing import write_tiny_gemma3
+
+    return write_tiny_gemma3(tmp_path_factory.mktemp("ckpt") / "tiny-gemma3")
+
+
+@pytest.fixture(scope="session")
+def tiny_internvl(tmp_path_factory) -> Path:
+    from vllm_script.testing import write_tiny_internvl
+
+    return write_tiny_internvl(tmp_path_factory.mktemp("ckpt") / "tiny-internvl")
+
+
+@pytest.fixture(scope="session")
+def tiny_llava_onevision(tmp_path_factory) -> Path:
+    from vllm_script.testing import write_tiny_llava_onevision
+
+    return write_tiny_llava_onevision(tmp_path_factory.mktemp("ckpt") / "tiny-llava-onevision")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_vl(tmp_path_factory) -> Path:
+    from vllm_script.testing import write_tiny_qwen2_vl
+
+    return write_tiny_qwen2_vl(tmp_path_factory.mktemp("ckpt") / "tiny-qwen2-vl")
+
+
 @pytest.fixture(scope="module")
 def server(tiny_llava):
     """The OpenAI server the README documents (CPU route), on loopback, one per module."""

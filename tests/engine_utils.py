@@ -1,10 +1,12 @@
 """Shared by the end-to-end tests: one request format, one way to run it.
 
 A request is a dict: {"question": str, "images": [seed or [seed, width, height], ...],
-"videos": [seed or [seed, frames], ...] (optional), "template": "llava" | "qwen"
+"videos": [seed or [seed, frames], ...] (optional), "template": a TEMPLATES key
 (optional, default llava), "mm_processor_kwargs": {...} (optional), "max_tokens": int
-(optional)}. A result is {"prompt_len": int, "tokens": [int, ...], "cached":
-prefix-cache hit tokens} or {"error": str}.
+(optional), "logprobs": int (optional)}. A result is {"prompt_len": int, "tokens": [int,
+...], "cached": prefix-cache hit tokens} (plus "prompt": the prompt's token ids and
+"logprobs": [[token id, logprob] x n per step] when the request asks for logprobs) or
+{"error": str}.
 """
 
 from __future__ import annotations
@@ -28,6 +30,21 @@ TEMPLATES = {
         "<|im_start|>user {media}{question}<|im_end|> <|im_start|>assistant ",
         "<|vision_start|><|image_pad|><|vision_end|>",
         "<|vision_start|><|video_pad|><|vision_end|>",
+    ),
+    "gemma3": (
+        "<start_of_turn>user {media}{question}<end_of_turn> <start_of_turn>model ",
+        "<start_of_image>",
+        None,
+    ),
+    "internvl": (
+        "<|im_start|>user {media}{question}<|im_end|> <|im_start|>assistant ",
+        "<IMG_CONTEXT>",
+        None,
+    ),
+    "llava_onevision": (
+        "<|im_start|>user {media}{question}<|im_end|> <|im_start|>assistant ",
+        "<image>\n",
+        None,
     ),
 }
 
@@ -57,26 +74,47 @@ def make_prompt(request: dict) -> dict:
     return prompt
 
 
-def run_requests(llm, requests: list[dict]) -> list[dict]:
-    """Run each request alone (greedy) on `llm`; errors are captured per request."""
+def _sampling(request: dict):
     from vllm import SamplingParams
 
+    return SamplingParams(
+        max_tokens=request.get("max_tokens", 6), temperature=0, logprobs=request.get("logprobs")
+    )
+
+
+def _result(request: dict, out) -> dict:
+    result = {
+        "prompt_len": len(out.prompt_token_ids),
+        "tokens": list(out.outputs[0].token_ids),
+        "cached": out.num_cached_tokens or 0,
+    }
+    if request.get("logprobs"):
+        result["prompt"] = list(out.prompt_token_ids)
+        result["logprobs"] = [
+            sorted([t, lp.logprob] for t, lp in step.items()) for step in out.outputs[0].logprobs
+        ]
+    return result
+
+
+def run_requests(llm, requests: list[dict]) -> list[dict]:
+    """Run each request alone (greedy) on `llm`; errors are captured per request."""
     results = []
     for request in requests:
-        params = SamplingParams(max_tokens=request.get("max_tokens", 6), temperature=0)
         try:
-            out = llm.generate(make_prompt(request), params, use_tqdm=False)[0]
+            out = llm.generate(make_prompt(request), _sampling(request), use_tqdm=False)[0]
         except Exception as exc:  # the test inspects the message
             results.append({"error": f"{type(exc).__name__}: {exc}"})
             continue
-        results.append(
-            {
-                "prompt_len": len(out.prompt_token_ids),
-                "tokens": list(out.outputs[0].token_ids),
-                "cached": out.num_cached_tokens or 0,
-            }
-        )
+        results.append(_result(request, out))
     return results
+
+
+def run_batch(llm, requests: list[dict]) -> list[dict]:
+    """Run all requests in one generate call (greedy): one engine batch, results in order.
+    A request the processor refuses fails the whole call."""
+    prompts = [make_prompt(r) for r in requests]
+    outs = llm.generate(prompts, [_sampling(r) for r in requests], use_tqdm=False)
+    return [_result(r, out) for r, out in zip(requests, outs, strict=True)]
 
 
 def answers(results: list[dict]) -> list[tuple[int, list[int]]]:
@@ -92,11 +130,13 @@ def run_in_fresh_engine(
     plugins: bool = True,
     engine_kwargs: dict | None = None,
     timeout: float = 600,
+    output: list[str] | None = None,
 ) -> list[dict]:
     """Start a new engine in a separate Python process and run `requests` there.
 
     plugins=False runs vanilla vLLM (VLLM_PLUGINS set to an allow-list matching nothing),
-    which a process that already loaded the plugin cannot do.
+    which a process that already loaded the plugin cannot do. If `output` is a list, the
+    process's stdout and stderr (its engine and workers' logs) are appended to it.
     """
     env = dict(os.environ)
     env["VLLM_PLUGINS"] = "script" if plugins else "none-at-all"
@@ -109,6 +149,8 @@ def run_in_fresh_engine(
         env=env,
         timeout=timeout,
     )
+    if output is not None:
+        output += [proc.stdout, proc.stderr]
     marker = "ENGINE_RUNNER_RESULT "
     for line in proc.stdout.splitlines():
         if line.startswith(marker):

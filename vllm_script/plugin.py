@@ -2,7 +2,9 @@
 
 `register()` runs once in every vLLM process (front-end, engine core, each worker). It
 is idempotent and cheap: it checks the vLLM version and registers model classes as lazy
-"module:Class" strings; nothing heavy is imported until vLLM resolves a model.
+"module:Class" strings; nothing heavy is imported until vLLM resolves a model. vLLM's
+other multimodal architectures are pointed at `vllm_script.models.unpruned`: their own
+class, which says once at start-up that pruning is off for them and why.
 """
 
 from __future__ import annotations
@@ -26,7 +28,23 @@ ARCHITECTURES = {
     "Qwen2_5_VLForConditionalGeneration": (
         "vllm_script.models.qwen2_5_vl:ScriptQwen2_5_VLForConditionalGeneration"
     ),
+    # the generic 1-D adapter: classes made from rows of vllm_script.models.generic
+    "Gemma3ForConditionalGeneration": (
+        "vllm_script.models.generic:ScriptGemma3ForConditionalGeneration"
+    ),
+    "InternVLForConditionalGeneration": (
+        "vllm_script.models.generic:ScriptInternVLForConditionalGeneration"
+    ),
+    "LlavaOnevisionForConditionalGeneration": (
+        "vllm_script.models.generic:ScriptLlavaOnevisionForConditionalGeneration"
+    ),
 }
+
+# vLLM's other multimodal architectures -> their in-tree (module, class); filled by
+# register(), which points each at vllm_script.models.unpruned (same model, plus one
+# start-up line saying that pruning is off for it and why)
+UNPRUNED: dict[str, tuple[str, str]] = {}
+UNPRUNED_MODULE = "vllm_script.models.unpruned"
 
 _registered = False
 
@@ -86,5 +104,27 @@ def register() -> None:
 
     for arch, target in ARCHITECTURES.items():
         ModelRegistry.register_model(arch, target)
+    UNPRUNED.update(unpruned_architectures(ModelRegistry))
+    for arch in UNPRUNED:
+        ModelRegistry.register_model(arch, f"{UNPRUNED_MODULE}:{arch}")
     _registered = True
     logger.debug("vllm-script: registered %s", ", ".join(ARCHITECTURES))
+
+
+def unpruned_architectures(registry) -> dict[str, tuple[str, str]]:
+    """vLLM's in-tree multimodal architectures not in ARCHITECTURES -> (module, class).
+
+    An architecture another plugin registered (its module outside `vllm.`) is left alone.
+    """
+    try:
+        from vllm.model_executor.models.registry import _MULTIMODAL_MODELS
+    except ImportError:  # a vLLM without that table: nothing is announced
+        return {}
+    found = {}
+    for arch in _MULTIMODAL_MODELS:
+        entry = registry.models.get(arch)
+        module = getattr(entry, "module_name", "")
+        if arch in ARCHITECTURES or not module.startswith("vllm."):
+            continue
+        found[arch] = (module, entry.class_name)
+    return found

@@ -466,3 +466,471 @@ def random_image(seed: int, width: int = 336, height: int = 336):
     coarse = rng.integers(0, 256, size=(6, 6, 3), dtype=np.uint8)
     img = Image.fromarray(coarse).resize((width, height), Image.BICUBIC)
     return img.convert("RGB")
+
+
+# ---- tiny checkpoints for the generic 1-D adapter (vllm_script.models.generic) ----
+
+# Chat markup per family, kept minimal: engine tests write prompts by hand.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }} "
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' or part['type'] == 'image_url' %}{{ image_tag }}"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "<|im_end|> {% endfor %}{% if add_generation_prompt %}<|im_start|>assistant {% endif %}"
+)
+CHATML_TOKENS = ["<unk>", "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>"]
+
+
+def _chatml(image_tag: str) -> str:
+    return "{% set image_tag = '" + image_tag + "' %}" + CHATML_TEMPLATE
+
+
+def _stamp_matches(path: Path, stamp: dict) -> bool:
+    """True if `path` holds a checkpoint written with `stamp` (else prepare the directory)."""
+    stamp_file = path / "vllm_script_tiny.json"
+    if stamp_file.exists() and json.loads(stamp_file.read_text()) == stamp:
+        return True
+    path.mkdir(parents=True, exist_ok=True)
+    return False
+
+
+def _fill_zero_matrices(model, std: float) -> None:
+    """Random normal(0, std) for weight matrices transformers initialises to zero (e.g.
+    Gemma 3's projector): a zero projector makes every image the same to the LLM."""
+    import torch
+
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() >= 2 and not param.any():
+                param.normal_(0.0, std)
+
+
+def _qwen2_text_config(tokenizer, text_hidden: int, text_layers: int, head_dim: int, std: float):
+    ids = tokenizer.convert_tokens_to_ids
+    return {
+        "model_type": "qwen2",
+        "vocab_size": len(tokenizer),
+        "hidden_size": text_hidden,
+        "intermediate_size": 2 * text_hidden,
+        "num_hidden_layers": text_layers,
+        "num_attention_heads": text_hidden // head_dim,
+        "num_key_value_heads": text_hidden // head_dim,
+        "max_position_embeddings": 8192,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 1e6},
+        "initializer_range": std,
+        "tie_word_embeddings": False,
+        "bos_token_id": None,
+        "eos_token_id": ids("<|im_end|>"),
+        "pad_token_id": ids("<pad>"),
+    }
+
+
+def write_tiny_gemma3(
+    path: str | Path,
+    *,
+    seed: int = 0,
+    image_size: int = 224,
+    patch_size: int = 14,
+    tokens_per_image: int = 64,
+    vision_hidden: int = 64,
+    vision_layers: int = 2,
+    text_hidden: int = 128,
+    text_layers: int = 2,
+    head_dim: int = 64,
+    dtype: str = "bfloat16",
+    init_std: float = 0.2,
+) -> Path:
+    """Write a random-weight Gemma 3 (`Gemma3ForConditionalGeneration`) checkpoint.
+
+    A SigLIP tower sees `image_size` px (every image is resized to it), its
+    `(image_size / patch_size)^2` patches are average-pooled to `tokens_per_image` tokens
+    (64 at the defaults; 256 in the released models); the image enters the prompt as
+    `\\n\\n<start_of_image>` + that many `<image_soft_token>` + `<end_of_image>\\n\\n`. The
+    decoder alternates a sliding-window and a full-attention layer. Idempotent like
+    `write_tiny_llava`.
+    """
+    import torch
+    from transformers import (
+        AutoTokenizer,
+        Gemma3Config,
+        Gemma3ForConditionalGeneration,
+        Gemma3ImageProcessor,
+        Gemma3Processor,
+    )
+
+    path = Path(path)
+    stamp = {
+        "format": TINY_FORMAT,
+        "arch": "gemma3",
+        "seed": seed,
+        "image": [image_size, patch_size, tokens_per_image],
+        "vision": [vision_hidden, vision_layers],
+        "text": [text_hidden, text_layers, head_dim],
+        "dtype": dtype,
+        "init_std": init_std,
+    }
+    if _stamp_matches(path, stamp):
+        return path
+    boi, eoi, soft = "<start_of_image>", "<end_of_image>", "<image_soft_token>"
+    # vLLM's Gemma 3 processor merges newline runs: "\n" to "\n\n\n\n" must be tokens
+    newlines = ["\n", "\n\n", "\n\n\n", "\n\n\n\n"]
+    template = (
+        "{% for message in messages %}<start_of_turn>{{ message['role'] }} "
+        "{% if message['content'] is string %}{{ message['content'] }}"
+        "{% else %}{% for part in message['content'] %}"
+        "{% if part['type'] == 'image' or part['type'] == 'image_url' %}<start_of_image>"
+        "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}"
+        "<end_of_turn> {% endfor %}{% if add_generation_prompt %}<start_of_turn>model {% endif %}"
+    )
+    _write_tokenizer(
+        path,
+        special_tokens=["<unk>", "<s>", "</s>", "<pad>", boi, eoi, soft]
+        + ["<start_of_turn>", "<end_of_turn>"]
+        + newlines,
+        named_tokens={"boi_token": boi, "eoi_token": eoi, "image_token": soft},
+        chat_template=template,
+        eos_token="<end_of_turn>",
+    )
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    Gemma3Processor(
+        image_processor=Gemma3ImageProcessor(size={"height": image_size, "width": image_size}),
+        tokenizer=tokenizer,
+        chat_template=template,
+        image_seq_length=tokens_per_image,
+    ).save_pretrained(path)
+    ids = tokenizer.convert_tokens_to_ids
+    config = Gemma3Config(
+        text_config={
+            "vocab_size": len(tokenizer),
+            "hidden_size": text_hidden,
+            "intermediate_size": 2 * text_hidden,
+            "num_hidden_layers": text_layers,
+            "num_attention_heads": text_hidden // head_dim,
+            "num_key_value_heads": 1,
+            "head_dim": head_dim,
+            "query_pre_attn_scalar": head_dim,
+            "sliding_window": 512,
+            "layer_types": ["sliding_attention", "full_attention"] * (text_layers // 2)
+            + ["full_attention"] * (text_layers % 2),
+            "max_position_embeddings": 8192,
+            "initializer_range": init_std,
+            "bos_token_id": ids("<s>"),
+            "eos_token_id": ids("<end_of_turn>"),
+            "pad_token_id": ids("<pad>"),
+        },
+        vision_config={
+            "hidden_size": vision_hidden,
+            "intermediate_size": 2 * vision_hidden,
+            "num_hidden_layers": vision_layers,
+            "num_attention_heads": max(1, vision_hidden // 32),
+            "image_size": image_size,
+            "patch_size": patch_size,
+            "vision_use_head": False,
+        },
+        mm_tokens_per_image=tokens_per_image,
+        boi_token_index=ids(boi),
+        eoi_token_index=ids(eoi),
+        image_token_index=ids(soft),
+        initializer_range=init_std,
+    )
+    config.dtype = dtype
+    config.architectures = ["Gemma3ForConditionalGeneration"]
+    torch.manual_seed(seed)
+    model = Gemma3ForConditionalGeneration(config).eval()
+    _fill_zero_matrices(model, init_std)
+    with torch.no_grad():
+        # Gemma scales input embeddings by sqrt(hidden) and ties the LM head to them:
+        # with embeddings as large as the other weights, a random decoder keeps repeating
+        # its last input token whatever the image
+        model.get_input_embeddings().weight.mul_(0.1)
+    renames = [("model.vision_tower.", "model.vision_tower.vision_model.")]
+    _save_hub_layout(model, path, dtype, renames)
+    config.save_pretrained(path)
+    (path / "vllm_script_tiny.json").write_text(json.dumps(stamp))
+    return path
+
+
+def write_tiny_internvl(
+    path: str | Path,
+    *,
+    seed: int = 0,
+    tile_size: int = 224,
+    patch_size: int = 14,
+    max_tiles: int = 4,
+    vision_hidden: int = 64,
+    vision_layers: int = 2,
+    text_hidden: int = 128,
+    text_layers: int = 2,
+    head_dim: int = 64,
+    dtype: str = "bfloat16",
+    init_std: float = 0.2,
+) -> Path:
+    """Write a random-weight InternVL (`InternVLForConditionalGeneration`, the
+    transformers-format InternVL 3) checkpoint with a Qwen2 decoder.
+
+    An image is cut into up to `max_tiles` tiles of `tile_size` px (plus a thumbnail when
+    there is more than one); each tile gives `(tile_size / patch_size)^2 / 4` tokens
+    after the pixel shuffle (64 at the defaults, 256 in the released models). The image
+    enters the prompt as `<img>` + tiles x 64 `<IMG_CONTEXT>` + `</img>`: one run.
+    """
+    import torch
+    from transformers import (
+        AutoTokenizer,
+        GotOcr2ImageProcessor,
+        InternVLConfig,
+        InternVLForConditionalGeneration,
+        InternVLProcessor,
+        InternVLVideoProcessor,
+    )
+
+    path = Path(path)
+    stamp = {
+        "format": TINY_FORMAT,
+        "arch": "internvl",
+        "seed": seed,
+        "image": [tile_size, patch_size, max_tiles],
+        "vision": [vision_hidden, vision_layers],
+        "text": [text_hidden, text_layers, head_dim],
+        "dtype": dtype,
+        "init_std": init_std,
+    }
+    if _stamp_matches(path, stamp):
+        return path
+    start, end, context, video = "<img>", "</img>", "<IMG_CONTEXT>", "<video>"
+    template = _chatml("<image>\\n")
+    _write_tokenizer(
+        path,
+        special_tokens=CHATML_TOKENS + [start, end, context, video, "<image>"],
+        named_tokens={
+            "start_image_token": start,
+            "end_image_token": end,
+            "context_image_token": context,
+            "video_token": video,
+        },
+        chat_template=template,
+        eos_token="<|im_end|>",
+    )
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    size = {"height": tile_size, "width": tile_size}
+    tokens_per_tile = (tile_size // patch_size) ** 2 // 4
+    InternVLProcessor(
+        image_processor=GotOcr2ImageProcessor(
+            size=size, crop_to_patches=True, min_patches=1, max_patches=max_tiles
+        ),
+        video_processor=InternVLVideoProcessor(size=size),
+        tokenizer=tokenizer,
+        image_seq_length=tokens_per_tile,
+        chat_template=template,
+    ).save_pretrained(path)
+    config = InternVLConfig(
+        vision_config={
+            "hidden_size": vision_hidden,
+            "intermediate_size": 2 * vision_hidden,
+            "num_hidden_layers": vision_layers,
+            "num_attention_heads": max(1, vision_hidden // 32),
+            "image_size": [tile_size, tile_size],
+            "patch_size": [patch_size, patch_size],
+            "initializer_range": init_std,
+        },
+        text_config=_qwen2_text_config(tokenizer, text_hidden, text_layers, head_dim, init_std),
+        image_token_id=tokenizer.convert_tokens_to_ids(context),
+        image_seq_length=tokens_per_tile,
+        downsample_ratio=0.5,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+        tie_word_embeddings=False,
+    )
+    config.dtype = dtype
+    config.architectures = ["InternVLForConditionalGeneration"]
+    torch.manual_seed(seed)
+    model = InternVLForConditionalGeneration(config).eval()
+    _save_hub_layout(model, path, dtype, [])
+    config.save_pretrained(path)
+    (path / "vllm_script_tiny.json").write_text(json.dumps(stamp))
+    return path
+
+
+def write_tiny_llava_onevision(
+    path: str | Path,
+    *,
+    seed: int = 0,
+    image_size: int = 112,
+    patch_size: int = 14,
+    grid_pinpoints: list | None = None,
+    vision_hidden: int = 64,
+    vision_layers: int = 2,
+    text_hidden: int = 128,
+    text_layers: int = 2,
+    head_dim: int = 64,
+    dtype: str = "bfloat16",
+    init_std: float = 0.2,
+) -> Path:
+    """Write a random-weight LLaVA-OneVision (`LlavaOnevisionForConditionalGeneration`)
+    checkpoint: a SigLIP tower, any-resolution crops, a Qwen2 decoder.
+
+    Defaults are small: `image_size`-px crops of `patch_size`-px patches (64 tokens per
+    crop) and pinpoints up to 2x2 crops, so an image is base crop + unpadded tiles + one
+    newline per row (the released models: 384-px crops, 729 tokens each, pinpoints up to
+    6x6 crops, tiles pooled down past 9 crops' worth by `anyres_max_9`). The image enters
+    the prompt as N `<image>` tokens: one run.
+    """
+    import torch
+    from transformers import (
+        AutoTokenizer,
+        LlavaOnevisionConfig,
+        LlavaOnevisionForConditionalGeneration,
+        LlavaOnevisionImageProcessor,
+        LlavaOnevisionProcessor,
+        LlavaOnevisionVideoProcessor,
+    )
+
+    path = Path(path)
+    stamp = {
+        "format": TINY_FORMAT,
+        "arch": "llava_onevision",
+        "seed": seed,
+        "image": [image_size, patch_size],
+        "grid_pinpoints": grid_pinpoints,
+        "vision": [vision_hidden, vision_layers],
+        "text": [text_hidden, text_layers, head_dim],
+        "dtype": dtype,
+        "init_std": init_std,
+    }
+    if _stamp_matches(path, stamp):
+        return path
+    template = _chatml("<image>\\n")
+    _write_tokenizer(
+        path,
+        special_tokens=CHATML_TOKENS + ["<image>", "<video>", "\n"],  # "\n" after each image
+        named_tokens={"image_token": "<image>", "video_token": "<video>"},
+        chat_template=template,
+        eos_token="<|im_end|>",
+    )
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    pinpoints = grid_pinpoints or [
+        [image_size, 2 * image_size],
+        [2 * image_size, image_size],
+        [2 * image_size] * 2,
+    ]
+    size = {"height": image_size, "width": image_size}
+    LlavaOnevisionProcessor(
+        image_processor=LlavaOnevisionImageProcessor(size=size, image_grid_pinpoints=pinpoints),
+        video_processor=LlavaOnevisionVideoProcessor(size=size),
+        tokenizer=tokenizer,
+        num_image_tokens=(image_size // patch_size) ** 2,
+        vision_feature_select_strategy="full",
+        chat_template=template,
+    ).save_pretrained(path)
+    ids = tokenizer.convert_tokens_to_ids
+    config = LlavaOnevisionConfig(
+        vision_config={
+            "model_type": "siglip_vision_model",
+            "hidden_size": vision_hidden,
+            "intermediate_size": 2 * vision_hidden,
+            "num_hidden_layers": vision_layers,
+            "num_attention_heads": max(1, vision_hidden // 32),
+            "image_size": image_size,
+            "patch_size": patch_size,
+            "vision_use_head": False,
+        },
+        text_config=_qwen2_text_config(tokenizer, text_hidden, text_layers, head_dim, init_std),
+        image_token_index=ids("<image>"),
+        video_token_index=ids("<video>"),
+        image_grid_pinpoints=pinpoints,
+        vision_feature_select_strategy="full",
+        vision_feature_layer=-1,
+        tie_word_embeddings=False,
+    )
+    config.dtype = dtype
+    config.architectures = ["LlavaOnevisionForConditionalGeneration"]
+    torch.manual_seed(seed)
+    model = LlavaOnevisionForConditionalGeneration(config).eval()
+    with torch.no_grad():  # random, not zero: a zero newline is a degenerate token
+        model.model.image_newline.normal_(std=init_std)
+    renames = [("model.vision_tower.", "model.vision_tower.vision_model.")]
+    _save_hub_layout(model, path, dtype, renames)
+    config.save_pretrained(path)
+    (path / "vllm_script_tiny.json").write_text(json.dumps(stamp))
+    return path
+
+
+def write_tiny_qwen2_vl(
+    path: str | Path,
+    *,
+    seed: int = 0,
+    vision_hidden: int = 64,
+    text_hidden: int = 128,
+    head_dim: int = 64,
+    dtype: str = "bfloat16",
+    init_std: float = 0.2,
+) -> Path:
+    """Write a random-weight Qwen2-VL (`Qwen2VLForConditionalGeneration`) checkpoint: an
+    architecture vllm-script does not prune (M-RoPE without an adapter), for the tests of
+    what the plugin says about such a model. Images as `write_tiny_qwen2_5_vl`'s."""
+    import torch
+    from transformers import (
+        AutoTokenizer,
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
+        Qwen2VLImageProcessor,
+        Qwen2VLProcessor,
+        Qwen2VLVideoProcessor,
+    )
+
+    path = Path(path)
+    stamp = {
+        "format": TINY_FORMAT,
+        "arch": "qwen2_vl",
+        "seed": seed,
+        "dims": [vision_hidden, text_hidden, head_dim],
+        "dtype": dtype,
+        "init_std": init_std,
+    }
+    if _stamp_matches(path, stamp):
+        return path
+    _write_tokenizer(
+        path,
+        special_tokens=QWEN_SPECIAL_TOKENS,
+        named_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"},
+        chat_template=QWEN_CHAT_TEMPLATE,
+        eos_token="<|im_end|>",
+    )
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    pixels = {"shortest_edge": 28 * 28 * 4, "longest_edge": 28 * 28 * 64}
+    Qwen2VLProcessor(
+        image_processor=Qwen2VLImageProcessor(size=pixels),
+        video_processor=Qwen2VLVideoProcessor(size=pixels),
+        tokenizer=tokenizer,
+        chat_template=QWEN_CHAT_TEMPLATE,
+    ).save_pretrained(path)
+    ids = tokenizer.convert_tokens_to_ids
+    text = _qwen2_text_config(tokenizer, text_hidden, 2, head_dim, init_std)
+    text["rope_parameters"] = {
+        "rope_type": "default",
+        "rope_theta": 1e6,
+        "mrope_section": [head_dim // 8, 3 * head_dim // 16, 3 * head_dim // 16],
+    }
+    config = Qwen2VLConfig(
+        vision_config={
+            "depth": 2,
+            "embed_dim": vision_hidden,
+            "hidden_size": text_hidden,
+            "mlp_ratio": 2,
+            "num_heads": max(1, vision_hidden // 32),
+            "initializer_range": init_std,
+        },
+        text_config={k: v for k, v in text.items() if k != "model_type"},
+        image_token_id=ids("<|image_pad|>"),
+        video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"),
+        vision_end_token_id=ids("<|vision_end|>"),
+    )
+    config.dtype = dtype
+    config.architectures = ["Qwen2VLForConditionalGeneration"]
+    torch.manual_seed(seed)
+    model = Qwen2VLForConditionalGeneration(config).eval()
+    _save_hub_layout(model, path, dtype, [])
+    config.save_pretrained(path)
+    (path / "vllm_script_tiny.json").write_text(json.dumps(stamp))
+    return path

@@ -263,21 +263,27 @@ class ScriptProcessorMixin(RequestKwargsGuardMixin):
         if raw_settings is None:
             return outputs
         settings = ScriptSettings.from_json(str(raw_settings))
-        text = self.script_query_text(query) if settings.relevance == "clip" else ""
         for modality in self.script_modalities:
             num_items = self.script_num_items(outputs, modality)
-            if not num_items:
-                continue
-            outputs[field_name(FIELD_SETTINGS, modality)] = [
-                encode_settings(settings) for _ in range(num_items)
-            ]
-            outputs[field_name(FIELD_QUERY, modality)] = [
-                torch.tensor(query, dtype=torch.long) for _ in range(num_items)
-            ]
-            outputs[field_name(FIELD_QUERY_TEXT, modality)] = [
-                encode_text(text) for _ in range(num_items)
-            ]
+            self.script_add_fields(outputs, modality, num_items, settings, query)
         return outputs
+
+    def script_add_fields(
+        self, outputs, modality: str, num_items: int, settings: ScriptSettings, query
+    ) -> None:
+        """Attach the per-item fields (settings, question ids and text) to HF outputs."""
+        if not num_items:
+            return
+        text = self.script_query_text(query) if settings.relevance == "clip" else ""
+        outputs[field_name(FIELD_SETTINGS, modality)] = [
+            encode_settings(settings) for _ in range(num_items)
+        ]
+        outputs[field_name(FIELD_QUERY, modality)] = [
+            torch.tensor(query, dtype=torch.long) for _ in range(num_items)
+        ]
+        outputs[field_name(FIELD_QUERY_TEXT, modality)] = [
+            encode_text(text) for _ in range(num_items)
+        ]
 
     def script_query_text(self, query: Sequence[int]) -> str:
         """The question's ids -> text for the CLIP tokenizer (the LLM tokenizer's decode)."""
