@@ -12,7 +12,8 @@ Every figure those documents quote from a run sits in a generated block:
 
 PATH is a result file in this repository and KIND how it is rendered: `serving`
 (benchmarks/bench_serving.py's CSV), `demo` (`python -m vllm_script.demo --out`),
-`server-load` (tests/test_server_load.py's CSV). A new result file (another machine,
+`server-load` (tests/test_server_load.py's CSV), `kernels` (benchmarks/bench_kernels.py's
+CSV), `ttft` (benchmarks/bench_ttft_projection.py's CSV). A new result file (another machine,
 another geometry) gets its own block: add the two marker lines and run this script.
 tests/test_docs_tables.py fails while a block differs from its file.
 """
@@ -28,7 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-DOCS = [ROOT / "README.md", ROOT / "docs" / "serving.md"]
+DOCS = [ROOT / "README.md", ROOT / "docs" / "serving.md", ROOT / "benchmarks" / "README.md"]
 BLOCK = re.compile(r"<!-- generated: (\S+) (\S+) -->\n(.*?)<!-- generated: end -->", re.S)
 GENERATED_BY = "by `benchmarks/make_readme_table.py`"
 
@@ -152,7 +153,72 @@ def render_server_load(path: Path) -> str:
     return "\n".join(lines)
 
 
+def _ms(value: str) -> str:
+    return "" if value in ("", None) else f"{float(value) * 1e3:.3g}"
+
+
+def render_kernels(path: Path) -> str:
+    """bench_kernels.py's CSV -> one row per (op, geometry, batch, dtype, implementation)."""
+    rows = read_csv(path)
+    first = rows[0]
+    lines = [
+        f"Device: {first['device']}; D = {first['d']}; {first.get('note') or 'no note'}. "
+        f"Median and p20-p80 of each row's repeats after a warm-up; `agree`: leading picks "
+        f"equal to `torch-loop`'s (the reference). Generated from "
+        f"`{path.relative_to(ROOT)}` {GENERATED_BY}.",
+        "",
+        "| op | N -> K | images | dtype | implementation | threads | median (ms) "
+        "| p20-p80 (ms) | agree |",
+        "|---|---|---:|---|---|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        if r["status"] != "ok":
+            timing, spread = r["status"], ""
+        else:
+            timing = _ms(r["median_s"])
+            spread = f"{_ms(r['p20_s'])}-{_ms(r['p80_s'])}" if r["p20_s"] else ""
+        lines.append(
+            f"| {r['op']} | {r['n']} -> {r['k']} | {r['batch']} | {r['dtype']} | "
+            f"{r['backend']} | {r['threads']} | {timing} | {spread} | {r['agree']} |"
+        )
+    return "\n".join(lines)
+
+
+TTFT_TABLE = [
+    ("geometry", "geometry", "s"),
+    ("n", "N", "d"),
+    ("k", "K", "d"),
+    ("batch", "images", "d"),
+    ("method", "method", "s"),
+    ("ttft_off_ms", "TTFT off (ms)", ".1f"),
+    ("ttft_on_ms", "TTFT on (ms)", ".1f"),
+    ("select_ms", "selection (ms)", ".2f"),
+    ("select_pct_ttft", "selection % of TTFT", ".1f"),
+    ("speedup", "speed-up", ".2f"),
+    ("ideal_speedup", "ideal", ".2f"),
+    ("pct_of_ideal", "% of ideal", ".1f"),
+]
+
+
+def render_ttft(path: Path) -> str:
+    """bench_ttft_projection.py's CSV -> a table per (geometry, batch, method)."""
+    rows = read_csv(path)
+    lines = [
+        f"Device: {rows[0]['device']}, {rows[0]['dtype']}, median of {rows[0]['repeats']} "
+        f"repeats. Generated from `{path.relative_to(ROOT)}` {GENERATED_BY}.",
+        "",
+        "| " + " | ".join(header for _, header, _ in TTFT_TABLE) + " |",
+        "|" + "|".join("---" if fmt == "s" else "---:" for _, _, fmt in TTFT_TABLE) + "|",
+    ]
+    for row in rows:
+        cells = [_cell(str(row.get(col, "")), fmt) for col, _, fmt in TTFT_TABLE]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 RENDERERS: dict[str, Callable[[Path], str]] = {
+    "kernels": render_kernels,
+    "ttft": render_ttft,
     "serving": lambda path: render_table(read_rows(path)),
     "demo": render_demo,
     "server-load": render_server_load,
