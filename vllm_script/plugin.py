@@ -26,6 +26,12 @@ ARCHITECTURES = {
     "Qwen2_5_VLForConditionalGeneration": (
         "vllm_script.models.qwen2_5_vl:ScriptQwen2_5_VLForConditionalGeneration"
     ),
+    "Qwen3VLForConditionalGeneration": (
+        "vllm_script.models.qwen3_vl:ScriptQwen3VLForConditionalGeneration"
+    ),
+    "Qwen3VLMoeForConditionalGeneration": (
+        "vllm_script.models.qwen3_vl:ScriptQwen3VLMoeForConditionalGeneration"
+    ),
 }
 
 _registered = False
