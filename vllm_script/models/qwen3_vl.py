@@ -21,6 +21,7 @@ Only the LLM-space methods with relevance "llm" are available.
 
 from __future__ import annotations
 
+import os
 from dataclasses import replace
 
 import torch
@@ -50,7 +51,7 @@ from vllm_script.models.common import (
 )
 from vllm_script.models.mrope import MediaSpan, encode_offsets
 from vllm_script.models.qwen_vl import QwenModelMixin, QwenProcessorMixin, feature_settings
-from vllm_script.pruning import ImageInput, PruneContext, prune_items
+from vllm_script.pruning import RECORD_ENV, ImageInput, PruneContext, prune_items, record
 
 
 def media_spans(
@@ -204,7 +205,7 @@ class Qwen3ScriptModelMixin(QwenModelMixin, ScriptModelMixin):
                 plans.append(None)
                 continue
             counts = frame_counts(total, t)
-            plans.append((h, w, counts))
+            plans.append((t, h, w, counts))
             for f, k in enumerate(counts):
                 if k == 0:
                     continue
@@ -228,7 +229,7 @@ class Qwen3ScriptModelMixin(QwenModelMixin, ScriptModelMixin):
             if plan is None:
                 out.append(rows[i])
                 continue
-            h, w, counts = plan
+            t, h, w, counts = plan
             keep = []
             for f, k in enumerate(counts):
                 if k == 0:
@@ -241,6 +242,10 @@ class Qwen3ScriptModelMixin(QwenModelMixin, ScriptModelMixin):
             offsets = torch.stack([torch.zeros_like(within), within // w, within % w], dim=1)
             gathered = rows[i].index_select(0, keep.to(rows[i].device))
             out.append(encode_offsets(gathered, offsets))
+            if os.environ.get(RECORD_ENV) == "1":
+                record(
+                    {"kind": "kept", "modality": modality, "grid": [t, h, w], "keep": keep.tolist()}
+                )
         return out
 
 

@@ -247,6 +247,8 @@ class QwenModelMixin:
             positions = self._script_clamp(positions, "a pruned request's positions")
             room = self._script_position_limit - self._script_max_model_len
             delta = min(delta, room)
+            if os.environ.get(RECORD_ENV) == "1":
+                record({"kind": "prompt_positions", "positions": positions.T.tolist()})
         return positions, delta
 
     # -- positions, step 2 on the GPU runner: vLLM's hook for pruned media ------------
@@ -280,14 +282,15 @@ class QwenModelMixin:
     def embed_input_ids(self, input_ids, multimodal_embeddings=None, *, is_multimodal=None):
         if multimodal_embeddings is None or is_multimodal is None:
             return super().embed_input_ids(input_ids)
-        stripped, offsets = [], []
+        stripped, offsets, carried = [], [], False
         for emb in multimodal_embeddings:
             rows, off = decode_offsets(emb, self._script_row_width)
             stripped.append(rows)
-            if off is None:
+            carried |= off is not None
+            if off is None:  # an unpruned item: its positions are final already
                 off = torch.zeros(rows.shape[0], 3, dtype=torch.long, device=rows.device)
             offsets.append(off)
-        if offsets and any(o.any() for o in offsets):
+        if carried:
             self._script_pending = (is_multimodal.clone(), torch.cat(offsets))
         return super().embed_input_ids(input_ids, stripped, is_multimodal=is_multimodal)
 
