@@ -13,7 +13,15 @@ import os
 from types import SimpleNamespace
 
 import pytest
-from engine_utils import ENGINE_KWARGS, answers, make_prompt, run_in_fresh_engine, run_requests
+from engine_utils import (
+    ENGINE_KWARGS,
+    answers,
+    make_prompt,
+    run_in_fresh_engine,
+    run_requests,
+    runner_hook_state,
+    set_runner_hook,
+)
 
 from vllm_script.config import ScriptSettings, frame_counts, kept_count
 
@@ -221,31 +229,8 @@ def test_refused_requests_fail_alone(llm):
     assert "error" not in run_requests(llm, [req([IMAGES[0]])])[0]
 
 
-def _runner_state(worker) -> dict:
-    from vllm.model_executor.models.interfaces import supports_multimodal_pruning
-
-    runner = worker.model_runner
-    model = runner.get_model()
-    return {
-        # what GPUModelRunner.load_model computes to decide whether to call the hook
-        "gpu_runner_calls_hook": bool(
-            supports_multimodal_pruning(model)
-            and runner.model_config.multimodal_config.is_multimodal_pruning_enabled()
-        ),
-        "in_tree_evs": bool(model.is_multimodal_pruning_enabled),
-        "this_runner_calls_hook": bool(runner.is_multimodal_pruning_enabled),
-    }
-
-
-def _set_runner_hook(on: bool):
-    def apply(worker):
-        worker.model_runner.is_multimodal_pruning_enabled = on
-
-    return apply
-
-
 def test_gpu_runner_hook_gives_the_same_answers_and_positions(llm, ids):
-    state = llm.collective_rpc(_runner_state)[0]
+    state = llm.collective_rpc(runner_hook_state)[0]
     # vLLM's GPU runner would call the hook; the in-tree EVS stays off; the CPU runner
     # (this one) never sets its flag, so the forward path served every test above
     assert state == {
@@ -260,13 +245,13 @@ def test_gpu_runner_hook_gives_the_same_answers_and_positions(llm, ids):
         p for r in records(llm, before) if r.get("kind") == "positions" for p in r["positions"]
     ]
     # the GPU runner's code path, here: its flag on, as GPUModelRunner.load_model sets it
-    llm.collective_rpc(_set_runner_hook(True))
+    llm.collective_rpc(set_runner_hook(True))
     try:
         before = len(records(llm))
         hooked = run_requests(llm, [video])
         new = records(llm, before)
     finally:
-        llm.collective_rpc(_set_runner_hook(False))
+        llm.collective_rpc(set_runner_hook(False))
     assert answers(hooked) == answers(forward)
     assert not [r for r in new if r.get("kind") == "positions"]  # not shifted twice
     hook = [r["positions"] for r in new if r.get("kind") == "hook_positions"][-1]
