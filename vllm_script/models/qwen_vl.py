@@ -153,40 +153,51 @@ class QwenProcessorMixin:
         out = super().apply(inputs, timing_ctx)
         raw = inputs.hf_processor_mm_kwargs.get(SETTINGS_KEY)
         settings = resolve_request_settings(self.script_server_settings, raw)
-        if settings is not None:
-            if raw is not None:
-                refuse_with_evs(self.script_user_evs, "request setting (mm_processor_kwargs)")
-            self.script_check_positions(out, settings)
+        if settings is not None and raw is not None:
+            refuse_with_evs(self.script_user_evs, "request setting (mm_processor_kwargs)")
+        self.script_check_positions(out, settings)
         return out
 
-    def script_check_positions(self, out, settings: ScriptSettings) -> None:
-        """Refuse (ValueError, a 400) a pruned request whose positions cannot be placed:
-        placeholders that touch or end the prompt, or positions past the rotary table
-        (checked when the items' grids are at hand, i.e. not for processor-cache hits;
-        the model clamps as a last resort)."""
+    def script_check_positions(self, out, settings: ScriptSettings | None) -> None:
+        """Refuse (ValueError, a 400) a request whose positions cannot be placed.
+
+        Any request whose prompt positions pass the model's rotary table (vLLM's worker
+        would fail on it and stop: e.g. a Qwen2.5-VL video of a few frames hours apart);
+        and, when it prunes, placeholders that touch or end the prompt, or positions that
+        pass the table while decoding up to `max_model_len`. The positions are checked
+        when the items' grids are at hand, i.e. not for processor-cache hits (the model
+        then clamps as a last resort).
+        """
         prompt = out["prompt_token_ids"]
-        runs = []
-        for ranges in out["mm_placeholders"].values():
-            for r in ranges:
-                flags = r.is_embed.tolist() if r.is_embed is not None else [True] * r.length
-                runs.append((r.offset, flags))
-        problem = pruned_placeholder_problem(len(prompt), runs)
-        if problem is not None:
-            raise ValueError(f"vllm-script cannot prune this request: {problem}")
+        if settings is not None:
+            runs = []
+            for ranges in out["mm_placeholders"].values():
+                for r in ranges:
+                    flags = r.is_embed.tolist() if r.is_embed is not None else [True] * r.length
+                    runs.append((r.offset, flags))
+            problem = pruned_placeholder_problem(len(prompt), runs)
+            if problem is not None:
+                raise ValueError(f"vllm-script cannot prune this request: {problem}")
         spans = self.script_spans(prompt, out["mm_placeholders"], out["mm_kwargs"], settings)
-        if spans is None:
+        if not spans:
             return
         positions, _ = mrope_positions_with_pruning(len(prompt), spans)
-        largest = max((s.max_offset for s in spans), default=0)
+        largest = max(s.max_offset for s in spans)
         limit = self.script_position_limit()
-        headroom = self.info.ctx.model_config.max_model_len - len(prompt)
-        end = (int(positions.max()) + 1 if positions.numel() else 0) + max(headroom, 0)
-        if largest > MAX_OFFSET or end > limit:
+        end = int(positions.max()) + 1
+        if settings is not None:
+            end += max(self.info.ctx.model_config.max_model_len - len(prompt), 0)
+            if largest > MAX_OFFSET:
+                raise ValueError(
+                    f"vllm-script cannot prune this request: a position offset of {largest} "
+                    f"inside one image or video, more than the {MAX_OFFSET} it carries"
+                )
+        if end > limit:
+            what = "decoding to max_model_len included, " if settings is not None else ""
             raise ValueError(
-                f"vllm-script cannot prune this request: its positions reach {end - 1} "
-                f"(largest offset inside one image or video: {largest}), beyond what the "
-                f"model's rotary table holds ({limit} positions, max_model_len included); "
-                "send a shorter video (fewer frames or a higher fps) or no 'script' setting"
+                f"this request's M-RoPE positions reach {end - 1} ({what}largest offset "
+                f"inside one image or video: {largest}), beyond the model's rotary table "
+                f"({limit} positions); send a shorter video (fewer frames or a higher fps)"
             )
 
 
@@ -243,8 +254,10 @@ class QwenModelMixin:
     def get_mrope_input_positions(self, input_tokens, mm_features):
         spans = self.script_spans(input_tokens, mm_features)
         positions, delta = mrope_positions_with_pruning(len(input_tokens), spans)
+        # past the rotary table vLLM's worker fails (the processor refuses such requests
+        # unless their items came from its cache): clamp rather than stop the engine
+        positions = self._script_clamp(positions, "a request's positions")
         if any(s.pruned for s in spans):
-            positions = self._script_clamp(positions, "a pruned request's positions")
             room = self._script_position_limit - self._script_max_model_len
             delta = min(delta, room)
             if os.environ.get(RECORD_ENV) == "1":
