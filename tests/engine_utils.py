@@ -114,7 +114,8 @@ def run_in_fresh_engine(
 def runner_hook_state(worker) -> dict:
     """(collective_rpc) Whether vLLM's GPU model runner would call the model's
     `recompute_mrope_positions` hook (the expression GPUModelRunner.load_model computes),
-    whether the in-tree EVS is on, and whether this runner calls the hook."""
+    whether the in-tree EVS is on, whether this runner calls the hook, and the rotary
+    table size the model clamps positions to."""
     from vllm.model_executor.models.interfaces import supports_multimodal_pruning
 
     runner = worker.model_runner
@@ -126,6 +127,7 @@ def runner_hook_state(worker) -> dict:
         ),
         "in_tree_evs": bool(model.is_multimodal_pruning_enabled),
         "this_runner_calls_hook": bool(runner.is_multimodal_pruning_enabled),
+        "position_limit": getattr(model, "_script_position_limit", None),
     }
 
 

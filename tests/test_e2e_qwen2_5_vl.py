@@ -117,6 +117,7 @@ def test_gpu_runner_hook_gives_the_same_answers_and_positions(llm, tiny_qwen):
         "gpu_runner_calls_hook": True,
         "in_tree_evs": False,
         "this_runner_calls_hook": False,
+        "position_limit": 4 * 8192,  # rows of the rotary table (max_position_embeddings 8192)
     }
     pad = AutoConfig.from_pretrained(tiny_qwen).video_token_id
     video = req(videos=[VIDEOS[1]])

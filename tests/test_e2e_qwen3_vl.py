@@ -237,6 +237,7 @@ def test_gpu_runner_hook_gives_the_same_answers_and_positions(llm, ids):
         "gpu_runner_calls_hook": True,
         "in_tree_evs": False,
         "this_runner_calls_hook": False,
+        "position_limit": 8192,  # rows of the rotary table (max_position_embeddings 8192)
     }
     video = COMPARE[1]
     before = len(records(llm))

@@ -1,7 +1,8 @@
 """Kept tokens' positions through vLLM's GPU-runner hook (`recompute_mrope_positions`).
 
-The hook is driven by vLLM's own `GPUModelRunner._gather_mm_embeddings` (the function
-that calls it on the GPU runner, run here unchanged on a stand-in runner: no GPU needed),
+The hook is driven by vLLM's own code that calls it on the GPU: `GPUModelRunner.
+_gather_mm_embeddings` (model runner V1) and `MultiModalPruner.recompute` (model runner
+V2, the default on GPUs with Triton), run unchanged on stand-in runners (no GPU needed),
 prefill chunk after prefill chunk, and the positions it leaves for each chunk are
 compared with vLLM's own positions of the unpruned prompt at the kept tokens (Qwen2.5-VL
 and Qwen3-VL position code).
@@ -12,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
@@ -71,17 +73,50 @@ def runner_for(model, prompt: list[int], features, encoder_cache, positions):
     )
 
 
-def prefill_in_chunks(runner, chunk: int, start: int = 0):
-    """Schedule the prompt in chunks as the runner would; yields (window, embeds, is_mm)."""
+def prefill_in_chunks(runner, chunk: int, start: int = 0, model_runner: str = "v1"):
+    """Schedule the prompt in chunks as the runner would; yields (window, embeds, is_mm).
+
+    v1: vLLM's `GPUModelRunner._gather_mm_embeddings` (it calls the hook and stores the
+    positions in the request state). v2: the same gather without its hook, then Model
+    Runner V2's `MultiModalPruner.recompute` (vllm/v1/worker/gpu), which calls the hook
+    and stores the positions through its rope state (a stand-in here); its positions are
+    mirrored into the request state for the checks.
+    """
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
     request = runner.requests["req"]
     length = len(request.prompt_token_ids)
     request.num_computed_tokens = start
+    if model_runner == "v2":
+        from vllm.v1.worker.gpu.model_states.mm_pruning import MultiModalPruner
+
+        runner.is_multimodal_pruning_enabled = False
+        rope = SimpleNamespace(positions=request.mrope_positions.clone().int(), delta=None)
+
+        def update(req_idx, positions, delta):
+            rope.positions[:, : positions.shape[1]].copy_(positions)
+            rope.delta = delta
+
+        rope.read_prefill_positions = lambda req_idx, n: rope.positions[:, :n]
+        rope.update_prefill_positions = update
+        cache = SimpleNamespace(mm_features={"req": request.mm_features})
+        pruner = MultiModalPruner(runner.model, rope, cache, inputs_embeds_size=D)
+        tokens = SimpleNamespace(gpu=torch.tensor([request.prompt_token_ids]))
     while request.num_computed_tokens < length:
         n = min(chunk, length - request.num_computed_tokens)
         out = SimpleNamespace(total_num_scheduled_tokens=n, num_scheduled_tokens={"req": n})
         embeds, is_mm = GPUModelRunner._gather_mm_embeddings(runner, out)
+        if model_runner == "v2" and embeds:
+            batch = SimpleNamespace(
+                req_ids=["req"],
+                idx_mapping_np=np.array([0]),
+                prefill_len_np=np.array([length]),
+                num_computed_prefill_tokens_np=np.array([request.num_computed_tokens]),
+                num_scheduled_tokens=np.array([n]),
+            )
+            embeds = pruner.recompute(embeds, batch, SimpleNamespace(all_token_ids=tokens))
+            request.mrope_positions = rope.positions.long()
+            request.mrope_position_delta = rope.delta
         yield slice(request.num_computed_tokens, request.num_computed_tokens + n), embeds, is_mm
         request.num_computed_tokens += n
 
@@ -157,8 +192,12 @@ def vllm_qwen2_5_positions(length: int, spans: list[MediaSpan]):
     return Qwen2_5_VLForConditionalGeneration.get_mrope_input_positions(fake, [0] * length, [])
 
 
+RUNNERS = pytest.mark.parametrize("model_runner", ["v1", "v2"])
+
+
+@RUNNERS
 @pytest.mark.parametrize("chunk", [1000, 1, 3, 8, 13], ids=lambda c: f"chunk{c}")
-def test_qwen2_5_hook_gives_kept_tokens_their_unpruned_positions(chunk):
+def test_qwen2_5_hook_gives_kept_tokens_their_unpruned_positions(chunk, model_runner):
     p, spans_full, spans, features, cache = qwen2_5_scenario()
     full, full_delta = vllm_qwen2_5_positions(len(p.full), spans_full)
     expected = full.long()[:, p.to_full]
@@ -169,10 +208,11 @@ def test_qwen2_5_hook_gives_kept_tokens_their_unpruned_positions(chunk):
     runner = runner_for(hook_model(), p.pruned, features, cache, step1)
     request = runner.requests["req"]
     seen_rows = []
-    for window, embeds, is_mm in prefill_in_chunks(runner, chunk):
+    for window, embeds, is_mm in prefill_in_chunks(runner, chunk, model_runner=model_runner):
         # what the runner copies to its position buffer for this chunk
         assert torch.equal(request.mrope_positions[:, window], expected[:, window])
-        assert request.mrope_position_delta == expected_delta
+        if embeds or model_runner == "v1":  # v2 calls the hook only with media
+            assert request.mrope_position_delta == expected_delta
         assert all(e.shape[1] == D for e in embeds)  # offset channels stripped
         assert int(is_mm.sum()) == sum(e.shape[0] for e in embeds)
         seen_rows.extend(embeds)
@@ -266,9 +306,10 @@ def vllm_qwen3_positions(tokens: list[int], features):
     return Qwen3VLForConditionalGeneration._get_mrope_input_positions(tokens, features, config)
 
 
+@RUNNERS
 @pytest.mark.parametrize("budget", [7, 3, 24], ids=["budget7", "budget3-lt-frames", "unpruned"])
 @pytest.mark.parametrize("chunk", [1000, 2, 11], ids=lambda c: f"chunk{c}")
-def test_qwen3_video_frames_and_timestamps_keep_their_positions(budget, chunk):
+def test_qwen3_video_frames_and_timestamps_keep_their_positions(budget, chunk, model_runner):
     from vllm_script.models.qwen3_vl import media_spans
 
     p, full_features, features, cache = qwen3_scenario(budget)
@@ -292,9 +333,10 @@ def test_qwen3_video_frames_and_timestamps_keep_their_positions(budget, chunk):
 
     runner = runner_for(hook_model(), p.pruned, features, cache, step1)
     request = runner.requests["req"]
-    for window, _, _ in prefill_in_chunks(runner, chunk):
+    for window, embeds, _ in prefill_in_chunks(runner, chunk, model_runner=model_runner):
         assert torch.equal(request.mrope_positions[:, window], expected[:, window])
-        assert request.mrope_position_delta == expected_delta
+        if embeds or model_runner == "v1":
+            assert request.mrope_position_delta == expected_delta
     assert torch.equal(request.mrope_positions, expected)
 
 
