@@ -375,3 +375,30 @@ def test_frame_counts_examples():
 def test_placeholders_that_cannot_carry_pruned_positions(length, runs, problem):
     found = pruned_placeholder_problem(length, runs)
     assert (found is None) if problem is None else (problem in found)
+
+
+def test_with_vllms_evs_on_the_model_defers_to_the_in_tree_positions():
+    # a server with --video-pruning-rate (and no 'script' setting) keeps vLLM's EVS:
+    # its prompts and positions are vLLM's, the plugin's position code stays out
+    from vllm_script.models.qwen_vl import QwenModelMixin
+
+    calls = []
+
+    class InTree:
+        def get_mrope_input_positions(self, input_tokens, mm_features):
+            calls.append("positions")
+            return "in-tree positions"
+
+        def recompute_mrope_positions(self, **kwargs):
+            calls.append("hook")
+            return "in-tree hook"
+
+    class Model(QwenModelMixin, InTree):
+        pass
+
+    model = hook_model()
+    model.__class__ = Model
+    model._script_user_evs = 0.5
+    assert model.get_mrope_input_positions([1, 2], []) == "in-tree positions"
+    hook = model.recompute_mrope_positions([1, 2], [], torch.zeros(3, 2), 0)
+    assert hook == "in-tree hook" and calls == ["positions", "hook"]

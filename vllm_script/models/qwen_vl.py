@@ -4,17 +4,19 @@ Kept tokens keep their original (t, h, w) positions and the text after an item k
 its positions (`vllm_script.models.mrope`). The positions reach the LLM in one of two
 ways, whichever the model runner uses:
 
-- vLLM's GPU model runner calls `recompute_mrope_positions` (its hook for pruned media,
-  made for EVS) before every forward and copies the request's positions into its own
-  position buffer, the one its piecewise CUDA graphs read. A position tensor swapped in
-  inside `forward` would be ignored there: `CUDAGraphWrapper` replays with the
-  addresses it captured (vllm/compilation/cuda_graph.py) and the runner always passes
-  a slice of its persistent buffer (gpu_model_runner.py, `_preprocess`). The runner
-  calls the hook only when `MultiModalConfig.is_multimodal_pruning_enabled()`, i.e.
-  `video_pruning_rate > 0`; the model therefore sets that field on its own worker's
-  config after the in-tree model is built (`enable_position_hook`), so the in-tree
-  model and processors never run EVS for it, and the plugin's processors treat that
-  value as "no EVS" (`user_video_pruning_rate`). The hook strips the offset channels.
+- vLLM's GPU model runners (V1 `GPUModelRunner._gather_mm_embeddings`, V2
+  `MultiModalPruner.recompute`) call `recompute_mrope_positions` (their hook for pruned
+  media, made for EVS) before the forward and copy the request's positions into their
+  own position buffer, the one their piecewise CUDA graphs read. A position tensor
+  swapped in inside `forward` would be ignored there: `CUDAGraphWrapper` replays with
+  the addresses it captured (vllm/compilation/cuda_graph.py) and the runner always passes
+  a slice of its persistent buffer (gpu_model_runner.py, `_preprocess`); under a full
+  CUDA graph `forward` does not even run. The runners call the hook only when
+  `MultiModalConfig.is_multimodal_pruning_enabled()`, i.e. `video_pruning_rate > 0`;
+  the model therefore sets that field on its own worker's config after the in-tree
+  model is built (`enable_position_hook`), so the in-tree model and processors never run
+  EVS for it, and the plugin's processors treat that value as "no EVS"
+  (`user_video_pruning_rate`). The hook strips the offset channels.
 - vLLM's CPU model runner never calls the hook: the rows still carry their offset
   channels in `embed_input_ids`, which strips them and leaves the offsets for
   `forward` to add to the positions it is given (no CUDA graphs on CPU).
@@ -168,6 +170,8 @@ class QwenProcessorMixin:
         when the items' grids are at hand, i.e. not for processor-cache hits (the model
         then clamps as a last resort).
         """
+        if self.script_user_evs:  # vLLM's EVS places its own positions
+            return
         prompt = out["prompt_token_ids"]
         if settings is not None:
             runs = []
@@ -252,6 +256,8 @@ class QwenModelMixin:
     # -- positions, step 1: when a request is added ---------------------------------
 
     def get_mrope_input_positions(self, input_tokens, mm_features):
+        if self._script_user_evs is not None:  # vLLM's EVS: its prompts, its positions
+            return super().get_mrope_input_positions(input_tokens, mm_features)
         spans = self.script_spans(input_tokens, mm_features)
         positions, delta = mrope_positions_with_pruning(len(input_tokens), spans)
         # past the rotary table vLLM's worker fails (the processor refuses such requests
