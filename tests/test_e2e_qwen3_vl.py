@@ -259,3 +259,16 @@ def test_gpu_runner_hook_gives_the_same_answers_and_positions(llm, ids):
     slots = [i for i, x in enumerate(prompt_ids(llm, video)) if x == ids.video]
     assert len(forward_slots) == len(slots) == SERVER["budget"]
     assert [hook[i] for i in slots] == forward_slots
+
+
+def test_moe_variant_prunes_and_is_vanilla_unpruned(tiny_qwen3_moe):
+    requests = [req([IMAGES[2]]), req(videos=[VIDEOS[1]])]
+    off = [{**r, "mm_processor_kwargs": OFF} for r in requests]
+    vanilla = run_in_fresh_engine(tiny_qwen3_moe, requests, plugins=False, engine_kwargs=BASE)
+    configured = {**BASE, "hf_overrides": {"script": SERVER}}
+    plugin = run_in_fresh_engine(tiny_qwen3_moe, off + requests, engine_kwargs=configured)
+    assert answers(plugin[:2]) == answers(vanilla)
+    for media, unpruned, pruned in zip(MEDIA[2:5:2], vanilla, plugin[2:], strict=True):
+        t, h, w = hf_grid(tiny_qwen3_moe, media)
+        n = t * h * w // 4
+        assert pruned["prompt_len"] == unpruned["prompt_len"] - n + SERVER["budget"]

@@ -394,10 +394,14 @@ def write_tiny_qwen3_vl(
     min_pixels: int = 32 * 32 * 4,
     max_pixels: int = 32 * 32 * 64,
     max_position_embeddings: int = 8192,
+    num_experts: int = 0,
     dtype: str = "bfloat16",
     init_std: float = 0.2,
 ) -> Path:
     """Write a random-weight Qwen3-VL checkpoint (images, video, deepstack); returns its dir.
+
+    `num_experts` > 0 writes Qwen3-VL-MoE instead (every decoder MLP a mixture of that
+    many experts, two per token).
 
     16-px patches merged 2x2, so one LLM token per 32x32 pixels; images are resized to
     between `min_pixels` and `max_pixels` (4 to 64 tokens at the defaults), a video of
@@ -411,6 +415,8 @@ def write_tiny_qwen3_vl(
         Qwen2VLImageProcessor,
         Qwen3VLConfig,
         Qwen3VLForConditionalGeneration,
+        Qwen3VLMoeConfig,
+        Qwen3VLMoeForConditionalGeneration,
         Qwen3VLProcessor,
         Qwen3VLVideoProcessor,
     )
@@ -419,6 +425,7 @@ def write_tiny_qwen3_vl(
     stamp = {
         "format": TINY_FORMAT,
         "arch": "qwen3_vl",
+        "experts": num_experts,
         "seed": seed,
         "vision": [vision_hidden, vision_layers, list(deepstack_layers)],
         "text": [text_hidden, text_layers, head_dim, max_position_embeddings],
@@ -449,7 +456,16 @@ def write_tiny_qwen3_vl(
     ).save_pretrained(path)
 
     ids = tokenizer.convert_tokens_to_ids
-    config = Qwen3VLConfig(
+    moe = {}
+    if num_experts:
+        moe = {"num_experts": num_experts, "num_experts_per_tok": 2}
+        moe |= {"moe_intermediate_size": text_hidden // 2, "norm_topk_prob": True}
+    config_cls, model_cls = (
+        (Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration)
+        if num_experts
+        else (Qwen3VLConfig, Qwen3VLForConditionalGeneration)
+    )
+    config = config_cls(
         vision_config={
             "depth": vision_layers,
             "hidden_size": vision_hidden,
@@ -482,6 +498,7 @@ def write_tiny_qwen3_vl(
             "bos_token_id": None,
             "eos_token_id": ids("<|im_end|>"),
             "pad_token_id": ids("<pad>"),
+            **moe,
         },
         image_token_id=ids("<|image_pad|>"),
         video_token_id=ids("<|video_pad|>"),
@@ -489,10 +506,13 @@ def write_tiny_qwen3_vl(
         vision_end_token_id=ids("<|vision_end|>"),
     )
     config.dtype = dtype
-    config.architectures = ["Qwen3VLForConditionalGeneration"]
+    config.architectures = [model_cls.__name__]
     torch.manual_seed(seed)
-    model = Qwen3VLForConditionalGeneration(config).eval()
-    _save_hub_layout(model, path, dtype, [])
+    model = model_cls(config).eval()
+    # the hub stores fused experts as [E, hidden, 2I] / [E, I, hidden], transformers as
+    # their transposes
+    experts = (".mlp.experts.gate_up_proj", ".mlp.experts.down_proj") if num_experts else ()
+    _save_hub_layout(model, path, dtype, [], transposed=experts)
     config.save_pretrained(path)
     stamp_file.write_text(json.dumps(stamp))
     return path
@@ -514,9 +534,12 @@ def random_video(seed: int, frames: int = 4, width: int = 112, height: int = 112
     return array, metadata
 
 
-def _save_hub_layout(model, path: Path, dtype: str, renames: list[tuple[str, str]]) -> None:
+def _save_hub_layout(
+    model, path: Path, dtype: str, renames: list[tuple[str, str]], transposed: tuple = ()
+) -> None:
     """Save `model`'s weights under the hub's key names (what vLLM's weight mappers expect;
-    transformers 5.x saves its own layout)."""
+    transformers 5.x saves its own layout); keys ending in one of `transposed` are saved
+    with their last two dimensions swapped."""
     import torch
     from safetensors.torch import save_file
 
@@ -526,6 +549,8 @@ def _save_hub_layout(model, path: Path, dtype: str, renames: list[tuple[str, str
             if key.startswith(old):
                 key = new + key[len(old) :]
                 break
+        if key.endswith(transposed):
+            value = value.transpose(-1, -2)
         state[key] = value.to(getattr(torch, dtype)).contiguous()
     save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
 
