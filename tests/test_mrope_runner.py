@@ -402,3 +402,20 @@ def test_with_vllms_evs_on_the_model_defers_to_the_in_tree_positions():
     assert model.get_mrope_input_positions([1, 2], []) == "in-tree positions"
     hook = model.recompute_mrope_positions([1, 2], [], torch.zeros(3, 2), 0)
     assert hook == "in-tree hook" and calls == ["positions", "hook"]
+
+
+@pytest.mark.parametrize(
+    "spans",
+    [[MediaSpan(4, (3, 2, 5), 2.0)], [MediaSpan(0, (1, 6, 2))], [MediaSpan(2, (2, 4, 4), 0.5)]],
+    ids=["video-ends-prompt", "image-is-prompt", "slow-video-ends-prompt"],
+)
+def test_hook_decoding_offset_equals_vllms_for_unpruned_media_at_the_end(spans):
+    length = spans[-1].offset + spans[-1].num_tokens
+    positions, delta = vllm_qwen2_5_positions(length, spans)
+    *_, hook_delta = hook_model().recompute_mrope_positions(
+        input_ids=[TEXT] * length,
+        multimodal_embeddings=[],
+        mrope_positions=positions.long(),
+        num_computed_tokens=length,
+    )
+    assert hook_delta == delta

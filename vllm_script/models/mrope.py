@@ -171,7 +171,7 @@ def recompute_pruned_positions(
     already updated for earlier chunks). Returns (the rows without the offset channels,
     positions [3, L] with each carried row's slot at `start + offset`, where `start` is
     the position after the text token before the slot's placeholder run, and the
-    decoding offset `max position + 1 - L`). Idempotent; unpruned rows are untouched.
+    decoding offset `largest position + 1 - L`). Idempotent; unpruned rows are untouched.
     """
     stripped, carried = [], []
     for emb in multimodal_embeddings:
@@ -205,8 +205,11 @@ def recompute_pruned_positions(
                 before >= 0, positions[0, before.clamp(min=0)] + 1, torch.zeros_like(before)
             )
             positions[:, item_slots] = start + offsets.to(device).T
+    # the last token holds the largest position (text, or an unpruned item's last token,
+    # largest in each of t, h and w): O(1) where the max over [3, L] would be O(L), and
+    # the runner calls this for every running request at every step
     length = positions.shape[1]
-    delta = int(positions.max()) + 1 - length if length else 0
+    delta = int(positions[:, -1].max()) + 1 - length if length else 0
     return stripped, positions, delta
 
 
