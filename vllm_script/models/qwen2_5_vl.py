@@ -50,7 +50,7 @@ class ScriptQwen2_5_VLProcessor(
         text = self.info.get_hf_config().text_config
         return text.max_position_embeddings * ROTARY_FACTOR
 
-    def script_spans(self, prompt_ids, placeholders, mm_kwargs, settings):
+    def script_spans(self, prompt_ids, placeholders, mm_kwargs):
         cfg = self.info.get_hf_config()
         merge = cfg.vision_config.spatial_merge_size
         tokens_per_second = getattr(cfg.vision_config, "tokens_per_second", 1.0)

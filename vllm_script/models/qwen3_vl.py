@@ -99,7 +99,7 @@ class ScriptQwen3VLProcessor(QwenProcessorMixin, ScriptProcessorMixin, Qwen3VLMu
         # vLLM sizes Qwen3-VL's rotary table x4 only with EVS (mrope_positions_factor)
         return text.max_position_embeddings * (4 if self.script_user_evs else 1)
 
-    def script_spans(self, prompt_ids, placeholders, mm_kwargs, settings):
+    def script_spans(self, prompt_ids, placeholders, mm_kwargs):
         merge = self.info.get_hf_config().vision_config.spatial_merge_size
         items = []
         for modality, ranges in placeholders.items():

@@ -147,7 +147,7 @@ class QwenProcessorMixin:
         """Rows of the model's rotary table: positions must stay below this."""
         raise NotImplementedError
 
-    def script_spans(self, prompt_ids: Sequence[int], placeholders, mm_kwargs, settings):
+    def script_spans(self, prompt_ids: Sequence[int], placeholders, mm_kwargs):
         """Media spans of a processed prompt (None when an item's data is not at hand)."""
         raise NotImplementedError
 
@@ -182,7 +182,7 @@ class QwenProcessorMixin:
             problem = pruned_placeholder_problem(len(prompt), runs)
             if problem is not None:
                 raise ValueError(f"vllm-script cannot prune this request: {problem}")
-        spans = self.script_spans(prompt, out["mm_placeholders"], out["mm_kwargs"], settings)
+        spans = self.script_spans(prompt, out["mm_placeholders"], out["mm_kwargs"])
         if not spans:
             return
         positions, _ = mrope_positions_with_pruning(len(prompt), spans)
