@@ -156,3 +156,33 @@ def run_in_fresh_engine(
         if line.startswith(marker):
             return json.loads(line[len(marker) :])
     raise RuntimeError(f"engine runner failed (rc={proc.returncode}):\n{proc.stderr[-4000:]}")
+
+
+def runner_hook_state(worker) -> dict:
+    """(collective_rpc) Whether vLLM's GPU model runner would call the model's
+    `recompute_mrope_positions` hook (the expression GPUModelRunner.load_model computes),
+    whether the in-tree EVS is on, whether this runner calls the hook, and the rotary
+    table size the model clamps positions to."""
+    from vllm.model_executor.models.interfaces import supports_multimodal_pruning
+
+    runner = worker.model_runner
+    model = runner.get_model()
+    return {
+        "gpu_runner_calls_hook": bool(
+            supports_multimodal_pruning(model)
+            and runner.model_config.multimodal_config.is_multimodal_pruning_enabled()
+        ),
+        "in_tree_evs": bool(model.is_multimodal_pruning_enabled),
+        "this_runner_calls_hook": bool(runner.is_multimodal_pruning_enabled),
+        "position_limit": getattr(model, "_script_position_limit", None),
+    }
+
+
+def set_runner_hook(on: bool):
+    """A collective_rpc setting the runner's flag as GPUModelRunner.load_model does: the
+    CPU runner (a GPUModelRunner subclass) then runs the GPU runner's hook code path."""
+
+    def apply(worker) -> None:
+        worker.model_runner.is_multimodal_pruning_enabled = on
+
+    return apply

@@ -127,6 +127,20 @@ def test_negative_control_another_selection_changes_the_answers(llm, vanilla):
     assert served(method="uniform", budget=64) != served(method="divprune", budget=64)
 
 
+def test_chunked_prefill_gives_the_same_answers(llm, tiny_llava):
+    # prefill chunks of 32 tokens split each image's 64 kept placeholders in two or more
+    chunked = run_in_fresh_engine(
+        tiny_llava,
+        COMPARE,
+        engine_kwargs={
+            "hf_overrides": {"script": SERVER},
+            "max_num_batched_tokens": 32,
+            "enable_chunked_prefill": True,
+        },
+    )
+    assert answers(chunked) == answers(run_requests(llm, COMPARE))
+
+
 def test_questions_get_their_own_selection_and_cache_entries(llm, tiny_llava):
     # budget 200 > one 128-token KV block, so the image's first block is cacheable: a
     # selection made for one question would be reused for the other if the question

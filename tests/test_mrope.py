@@ -8,6 +8,8 @@ import pytest
 import torch
 
 from vllm_script.models.mrope import (
+    MAX_OFFSET,
+    OFFSET_CHANNELS,
     MediaSpan,
     decode_offsets,
     encode_offsets,
@@ -73,15 +75,24 @@ def test_pruned_tokens_keep_original_positions_and_text_is_unchanged(spans):
     assert delta == full_delta + shift
 
 
-def test_offsets_survive_bf16_channels():
-    offsets = torch.tensor([[0, 0, 0], [127, 128, 300], [5000, 1, 77]])
-    embeds = torch.randn(3, 16, dtype=torch.bfloat16)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+def test_offsets_survive_low_precision_channels(dtype):
+    # 8192 and above raised before (two base-128 digits, issue 10): now carried exactly
+    offsets = torch.tensor(
+        [[0, 0, 0], [127, 128, 300], [5000, 1, 77], [8192, 16383, 16384], [MAX_OFFSET, 0, 1]]
+    )
+    embeds = torch.randn(5, 16, dtype=dtype)
     carried = encode_offsets(embeds, offsets)
-    assert carried.shape == (3, 22) and carried.dtype == torch.bfloat16
+    assert carried.shape == (5, 16 + OFFSET_CHANNELS) and carried.dtype == dtype
     stripped, back = decode_offsets(carried, 16)
     assert torch.equal(back, offsets) and torch.equal(stripped, embeds)
-    plain, zeros = decode_offsets(embeds, 16)
-    assert plain is embeds and not zeros.any()
+    plain, none = decode_offsets(embeds, 16)
+    assert plain is embeds and none is None
+
+
+def test_offset_beyond_the_carried_range_is_refused():
+    with pytest.raises(ValueError, match="outside"):
+        encode_offsets(torch.zeros(1, 4), torch.tensor([[MAX_OFFSET + 1, 0, 0]]))
 
 
 def test_grid_offsets_raster_order():

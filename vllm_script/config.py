@@ -228,3 +228,14 @@ def kept_count(num_tokens: int, settings: ScriptSettings | None) -> int:
 
 def prunes(num_tokens: int, settings: ScriptSettings | None) -> bool:
     return kept_count(num_tokens, settings) < num_tokens
+
+
+def frame_counts(kept: int, num_frames: int) -> list[int]:
+    """A video's kept tokens spread over its frames (Qwen3-VL: frames sit between
+    timestamp text, so each frame's count is fixed in the prompt before encoding).
+
+    Frame f keeps floor((f+1)·K/T) − floor(f·K/T): every frame floor(K/T) or ceil(K/T),
+    the larger shares evenly spaced in time, and K < T keeps one token in K evenly
+    spaced frames. The counts sum to K.
+    """
+    return [(f + 1) * kept // num_frames - f * kept // num_frames for f in range(num_frames)]

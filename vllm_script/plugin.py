@@ -38,6 +38,12 @@ ARCHITECTURES = {
     "LlavaOnevisionForConditionalGeneration": (
         "vllm_script.models.generic:ScriptLlavaOnevisionForConditionalGeneration"
     ),
+    "Qwen3VLForConditionalGeneration": (
+        "vllm_script.models.qwen3_vl:ScriptQwen3VLForConditionalGeneration"
+    ),
+    "Qwen3VLMoeForConditionalGeneration": (
+        "vllm_script.models.qwen3_vl:ScriptQwen3VLMoeForConditionalGeneration"
+    ),
 }
 
 # vLLM's other multimodal architectures -> their in-tree (module, class); filled by

@@ -49,8 +49,10 @@ def _write_tokenizer(
     named_tokens: dict[str, str] | None = None,
     chat_template: str = LLAVA_CHAT_TEMPLATE,
     eos_token: str = "</s>",
+    extra_words: str = "",
 ) -> None:
-    """A word-level tokenizer trained on `_CORPUS` (+ the special tokens), saved to `path`."""
+    """A word-level tokenizer trained on `_CORPUS` (+ `extra_words` and the special
+    tokens), saved to `path`."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -59,7 +61,7 @@ def _write_tokenizer(
         [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()]
     )
     trainer = trainers.WordLevelTrainer(special_tokens=special_tokens)
-    tok.train_from_iterator([_CORPUS + " user assistant system"], trainer=trainer)
+    tok.train_from_iterator([_CORPUS + " user assistant system " + extra_words], trainer=trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         unk_token="<unk>",
@@ -422,6 +424,143 @@ def write_tiny_qwen2_5_vl(
     return path
 
 
+def write_tiny_qwen3_vl(
+    path: str | Path,
+    *,
+    seed: int = 0,
+    vision_hidden: int = 64,
+    vision_layers: int = 2,
+    deepstack_layers: tuple[int, ...] = (0, 1),
+    text_hidden: int = 128,
+    text_layers: int = 2,
+    head_dim: int = 64,
+    min_pixels: int = 32 * 32 * 4,
+    max_pixels: int = 32 * 32 * 64,
+    max_position_embeddings: int = 8192,
+    num_experts: int = 0,
+    dtype: str = "bfloat16",
+    init_std: float = 0.2,
+) -> Path:
+    """Write a random-weight Qwen3-VL checkpoint (images, video, deepstack); returns its dir.
+
+    `num_experts` > 0 writes Qwen3-VL-MoE instead (every decoder MLP a mixture of that
+    many experts, two per token).
+
+    16-px patches merged 2x2, so one LLM token per 32x32 pixels; images are resized to
+    between `min_pixels` and `max_pixels` (4 to 64 tokens at the defaults), a video of
+    T frames gives T/2 frames of the same grid, each after its timestamp text. The
+    vision tower's `deepstack_layers` feed deepstack features to the first LLM layers.
+    Idempotent like `write_tiny_llava`.
+    """
+    import torch
+    from transformers import (
+        AutoTokenizer,
+        Qwen2VLImageProcessor,
+        Qwen3VLConfig,
+        Qwen3VLForConditionalGeneration,
+        Qwen3VLMoeConfig,
+        Qwen3VLMoeForConditionalGeneration,
+        Qwen3VLProcessor,
+        Qwen3VLVideoProcessor,
+    )
+
+    path = Path(path)
+    stamp = {
+        "format": TINY_FORMAT,
+        "arch": "qwen3_vl",
+        "experts": num_experts,
+        "seed": seed,
+        "vision": [vision_hidden, vision_layers, list(deepstack_layers)],
+        "text": [text_hidden, text_layers, head_dim, max_position_embeddings],
+        "pixels": [min_pixels, max_pixels],
+        "dtype": dtype,
+        "init_std": init_std,
+    }
+    stamp_file = path / "vllm_script_tiny.json"
+    if stamp_file.exists() and json.loads(stamp_file.read_text()) == stamp:
+        return path
+    path.mkdir(parents=True, exist_ok=True)
+
+    _write_tokenizer(
+        path,
+        special_tokens=QWEN_SPECIAL_TOKENS,
+        named_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"},
+        chat_template=QWEN_CHAT_TEMPLATE,
+        eos_token="<|im_end|>",
+        extra_words="seconds < > 0 1 2 3 4 5 6 7 8 9",  # the timestamps "<1.5 seconds>"
+    )
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    pixels = {"shortest_edge": min_pixels, "longest_edge": max_pixels}
+    Qwen3VLProcessor(
+        image_processor=Qwen2VLImageProcessor(size=pixels, patch_size=16, merge_size=2),
+        video_processor=Qwen3VLVideoProcessor(size=pixels, patch_size=16, merge_size=2),
+        tokenizer=tokenizer,
+        chat_template=QWEN_CHAT_TEMPLATE,
+    ).save_pretrained(path)
+
+    ids = tokenizer.convert_tokens_to_ids
+    moe = {}
+    if num_experts:
+        moe = {"num_experts": num_experts, "num_experts_per_tok": 2}
+        moe |= {"moe_intermediate_size": text_hidden // 2, "norm_topk_prob": True}
+    config_cls, model_cls = (
+        (Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration)
+        if num_experts
+        else (Qwen3VLConfig, Qwen3VLForConditionalGeneration)
+    )
+    config = config_cls(
+        vision_config={
+            "depth": vision_layers,
+            "hidden_size": vision_hidden,
+            "intermediate_size": 2 * vision_hidden,
+            "num_heads": max(1, vision_hidden // 32),
+            "out_hidden_size": text_hidden,
+            "patch_size": 16,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "num_position_embeddings": 256,
+            "deepstack_visual_indexes": list(deepstack_layers),
+            "initializer_range": init_std,
+        },
+        text_config={
+            "vocab_size": len(tokenizer),
+            "hidden_size": text_hidden,
+            "intermediate_size": 2 * text_hidden,
+            "num_hidden_layers": text_layers,
+            "num_attention_heads": text_hidden // head_dim,
+            "num_key_value_heads": text_hidden // head_dim,
+            "head_dim": head_dim,
+            "max_position_embeddings": max_position_embeddings,
+            "rope_parameters": {
+                "rope_type": "default",
+                "rope_theta": 5e6,
+                "mrope_section": [3 * head_dim // 16, 5 * head_dim // 32, 5 * head_dim // 32],
+                "mrope_interleaved": True,
+            },
+            "initializer_range": init_std,
+            "bos_token_id": None,
+            "eos_token_id": ids("<|im_end|>"),
+            "pad_token_id": ids("<pad>"),
+            **moe,
+        },
+        image_token_id=ids("<|image_pad|>"),
+        video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"),
+        vision_end_token_id=ids("<|vision_end|>"),
+    )
+    config.dtype = dtype
+    config.architectures = [model_cls.__name__]
+    torch.manual_seed(seed)
+    model = model_cls(config).eval()
+    # the hub stores fused experts as [E, hidden, 2I] / [E, I, hidden], transformers as
+    # their transposes
+    experts = (".mlp.experts.gate_up_proj", ".mlp.experts.down_proj") if num_experts else ()
+    _save_hub_layout(model, path, dtype, [], transposed=experts)
+    config.save_pretrained(path)
+    stamp_file.write_text(json.dumps(stamp))
+    return path
+
+
 def random_video(seed: int, frames: int = 4, width: int = 112, height: int = 112):
     """(frames uint8 [T, H, W, 3], metadata) as vLLM takes a video: smooth random blobs
     drifting across frames."""
@@ -438,9 +577,12 @@ def random_video(seed: int, frames: int = 4, width: int = 112, height: int = 112
     return array, metadata
 
 
-def _save_hub_layout(model, path: Path, dtype: str, renames: list[tuple[str, str]]) -> None:
+def _save_hub_layout(
+    model, path: Path, dtype: str, renames: list[tuple[str, str]], transposed: tuple = ()
+) -> None:
     """Save `model`'s weights under the hub's key names (what vLLM's weight mappers expect;
-    transformers 5.x saves its own layout)."""
+    transformers 5.x saves its own layout); keys ending in one of `transposed` are saved
+    with their last two dimensions swapped."""
     import torch
     from safetensors.torch import save_file
 
@@ -450,6 +592,8 @@ def _save_hub_layout(model, path: Path, dtype: str, renames: list[tuple[str, str
             if key.startswith(old):
                 key = new + key[len(old) :]
                 break
+        if key.endswith(transposed):
+            value = value.transpose(-1, -2)
         state[key] = value.to(getattr(torch, dtype)).contiguous()
     save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
 

@@ -260,6 +260,10 @@ class ScriptProcessorMixin(RequestKwargsGuardMixin):
         raw_settings = hf_kwargs.pop(SETTINGS_KEY, None)
         query = hf_kwargs.pop(QUERY_KEY, None) or []
         outputs = super()._call_hf_processor(hf_data, hf_kwargs)
+        return self.script_add_fields(outputs, raw_settings, query)
+
+    def script_add_fields(self, outputs, raw_settings: object, query: Sequence[int]):
+        """Add the per-item fields (settings, question ids and text) to HF outputs."""
         if raw_settings is None:
             return outputs
         settings = ScriptSettings.from_json(str(raw_settings))

@@ -7,24 +7,12 @@ it may keep more from a busy frame than from a static one. Only the LLM-space me
 (script, gsp, qcsp, divprune, uniform) with relevance "llm" are available.
 
 Positions: kept tokens keep their original M-RoPE positions (t, h, w), and the text
-after an item keeps the positions it has without pruning (see `vllm_script.models.mrope`).
-vLLM's own position hook for pruned media (`recompute_mrope_positions`) only runs on the
-GPU model runner and only with `--video-pruning-rate`, so this model does it itself,
-with public model methods only: `get_mrope_input_positions` (placeholder slots at the
-item's start), `embed_multimodal` (each kept row carries its (t, h, w) offset in extra
-channels, as vLLM's EVS carries positions), `embed_input_ids` (strips them) and
-`forward` (adds them to the slots' positions). Pipeline parallelism is not supported
-with pruning (later stages would not see the offsets).
-
-vLLM's `--video-pruning-rate` (EVS) and this plugin's settings are not combined: a
-server with both refuses to start, and a request with settings and a video on a server
-with EVS fails with a clear message.
+after an item keeps the positions it has without pruning; how they reach the LLM on the
+GPU and on the CPU model runner: `vllm_script.models.qwen_vl`.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import os
 from functools import partial
 
 import torch
@@ -38,92 +26,51 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.parse import ImageProcessorItems, VideoProcessorItems
 from vllm.multimodal.processing import PromptReplacement
 
-from vllm_script.config import SettingsError, kept_count
+from vllm_script.config import kept_count
 from vllm_script.models.common import (
-    FIELD_SETTINGS,
     ScriptModelMixin,
     ScriptProcessorMixin,
-    decode_settings,
-    field_name,
     settings_from_kwargs,
 )
-from vllm_script.models.mrope import (
-    MediaSpan,
-    decode_offsets,
-    encode_offsets,
-    kept_offsets,
-    mrope_positions_with_pruning,
-)
-from vllm_script.pruning import RECORD_ENV, record
+from vllm_script.models.mrope import MediaSpan, encode_offsets, kept_offsets
+from vllm_script.models.qwen_vl import QwenModelMixin, QwenProcessorMixin, feature_settings
+
+# rotary table rows per max_position_embeddings (vLLM's get_rope default for M-RoPE)
+ROTARY_FACTOR = 4
 
 
-def _refuse_with_evs(video_pruning_rate: float | None, where: str) -> None:
-    if video_pruning_rate:
-        raise SettingsError(
-            f"{where}: 'script' settings cannot be combined with --video-pruning-rate "
-            f"({video_pruning_rate}); use one of them"
-        )
+def _t_factor(seconds: object, tokens_per_second: float) -> float:
+    return 1.0 if seconds is None else float(seconds) * tokens_per_second
 
 
-class ScriptQwen2_5_VLProcessor(ScriptProcessorMixin, Qwen2_5_VLMultiModalProcessor):
-    script_modalities = ("image", "video")
+class ScriptQwen2_5_VLProcessor(
+    QwenProcessorMixin, ScriptProcessorMixin, Qwen2_5_VLMultiModalProcessor
+):
+    def script_position_limit(self) -> int:
+        text = self.info.get_hf_config().text_config
+        return text.max_position_embeddings * ROTARY_FACTOR
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        if self.script_server_settings is not None:
-            _refuse_with_evs(
-                self.info.ctx.get_mm_config().video_pruning_rate, "server setting (hf_overrides)"
-            )
-
-    def script_placeholder_ids(self):
+    def script_spans(self, prompt_ids, placeholders, mm_kwargs):
         cfg = self.info.get_hf_config()
-        return [
-            cfg.image_token_id,
-            cfg.video_token_id,
-            cfg.vision_start_token_id,
-            cfg.vision_end_token_id,
-        ]
-
-    def script_num_items(self, hf_outputs, modality: str) -> int:
-        grid = hf_outputs.get(f"{modality}_grid_thw")
-        return 0 if grid is None else len(grid)
-
-    def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs):
-        fields = dict(super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs))
-        fields.update(self.script_fields_config())
-        return fields
-
-    def script_num_tokens(self, mm_items, modality: str, item_idx: int) -> int | None:
-        items = mm_items.get(modality)
-        processor = self.info.get_image_processor()
-        if modality == "image" and isinstance(items, ImageProcessorItems):
-            size = items.get_image_size(item_idx)
-            return self.info.get_num_image_tokens(
-                image_width=size.width,
-                image_height=size.height,
-                image_processor=processor,
-                mm_kwargs={},
-            )
-        if modality == "video" and isinstance(items, VideoProcessorItems):
-            size = items.get_frame_size(item_idx)
-            return self.info.get_num_video_tokens(
-                image_width=size.width,
-                image_height=size.height,
-                num_frames=items.get_num_frames(item_idx),
-                image_processor=processor,
-                mm_kwargs={},
-            )
-        return None
+        merge = cfg.vision_config.spatial_merge_size
+        tokens_per_second = getattr(cfg.vision_config, "tokens_per_second", 1.0)
+        spans = []
+        for modality, ranges in placeholders.items():
+            for i, r in enumerate(ranges):
+                item = mm_kwargs.get(modality, [None] * len(ranges))[i]
+                if item is None:
+                    return None
+                t, h, w = (int(v) for v in item[f"{modality}_grid_thw"].data)
+                seconds = item.get("second_per_grid_ts") if modality == "video" else None
+                t_factor = _t_factor(None if seconds is None else seconds.data, tokens_per_second)
+                grid = (t, h // merge, w // merge)
+                spans.append(MediaSpan(r.offset, grid, t_factor, kept=r.length))
+        return spans
 
     def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
         settings = settings_from_kwargs(hf_processor_mm_kwargs)
-        if settings is None:
+        if settings is None and self.script_user_evs:
             return super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
-        if "video" in mm_items:
-            _refuse_with_evs(
-                self.info.ctx.get_mm_config().video_pruning_rate,
-                "request setting (mm_processor_kwargs)",
-            )
         hf_processor = self.info.get_hf_processor(**hf_processor_mm_kwargs)
         image_processor = self.info.get_image_processor(**hf_processor_mm_kwargs)
         vocab = self.info.get_tokenizer().get_vocab()
@@ -157,80 +104,36 @@ class ScriptQwen2_5_VLProcessor(ScriptProcessorMixin, Qwen2_5_VLMultiModalProces
     dummy_inputs=Qwen2_5_VLDummyInputsBuilder,
 )
 class ScriptQwen2_5_VLForConditionalGeneration(
-    ScriptModelMixin, Qwen2_5_VLForConditionalGeneration
+    QwenModelMixin, ScriptModelMixin, Qwen2_5_VLForConditionalGeneration
 ):
-    script_modalities = ("image", "video")
-
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self.script_init(vllm_config)
-        if self.script_server_settings is not None:
-            _refuse_with_evs(self.video_pruning_rate, "server setting (hf_overrides)")
-        self._script_hidden = vllm_config.model_config.hf_config.text_config.hidden_size
-        self._script_pending: tuple[torch.Tensor, torch.Tensor] | None = None
+        hidden = vllm_config.model_config.hf_config.text_config.hidden_size
+        self.script_qwen_init(vllm_config, hidden)
 
-    # -- positions, step 1: when a request is added ---------------------------------
-
-    def get_mrope_input_positions(self, input_tokens, mm_features):
+    def script_spans(self, input_tokens, mm_features) -> list[MediaSpan]:
         features = sorted(mm_features, key=lambda f: f.mm_position.offset)
         spans = []
         for feature, (offset, t, h, w, t_factor) in zip(
             features, self.iter_mm_grid_thw(mm_features), strict=True
         ):
-            field = feature.data.get(field_name(FIELD_SETTINGS, feature.modality))
-            settings = None if field is None else decode_settings(field.data)
-            kept = kept_count(t * h * w, settings)
+            kept = kept_count(t * h * w, feature_settings(feature))
             spans.append(MediaSpan(offset, (t, h, w), t_factor, kept=kept))
-        return mrope_positions_with_pruning(len(input_tokens), spans)
-
-    # -- positions, step 2: after selection, offsets ride along with the rows -------
+        return spans
 
     def script_finish(self, rows, kept, kwargs):
         modality = "video" if kwargs.get("video_grid_thw") is not None else "image"
         grids = kwargs[f"{modality}_grid_thw"]
         grids = grids.tolist() if isinstance(grids, torch.Tensor) else [g.tolist() for g in grids]
         merge = self.config.vision_config.spatial_merge_size
-        seconds = kwargs.get("second_per_grid_ts")
+        seconds = kwargs.get("second_per_grid_ts") if modality == "video" else None
         tokens_per_second = getattr(self.config.vision_config, "tokens_per_second", 1.0)
         out = list(rows)
         for i, keep in enumerate(kept):
             if keep is None:
                 continue
             t, h, w = (int(v) for v in grids[i])
-            t_factor = 1.0
-            if modality == "video" and seconds is not None:
-                t_factor = float(seconds[i]) * tokens_per_second
+            t_factor = _t_factor(None if seconds is None else seconds[i], tokens_per_second)
             offsets = kept_offsets((t, h // merge, w // merge), t_factor, keep)
             out[i] = encode_offsets(rows[i], offsets)
         return out
-
-    def embed_input_ids(self, input_ids, multimodal_embeddings=None, *, is_multimodal=None):
-        if multimodal_embeddings is None or is_multimodal is None:
-            return super().embed_input_ids(input_ids)
-        stripped, offsets = [], []
-        for emb in multimodal_embeddings:
-            rows, off = decode_offsets(emb, self._script_hidden)
-            stripped.append(rows)
-            offsets.append(off)
-        if offsets and any(o.any() for o in offsets):
-            self._script_pending = (is_multimodal.clone(), torch.cat(offsets))
-        return super().embed_input_ids(input_ids, stripped, is_multimodal=is_multimodal)
-
-    def forward(
-        self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kwargs
-    ):
-        pending, self._script_pending = self._script_pending, None
-        if pending is not None and positions.dim() == 2:
-            is_mm, offsets = pending
-            slots = is_mm.nonzero().squeeze(1)
-            if slots.numel() == offsets.shape[0] and is_mm.shape[0] <= positions.shape[1]:
-                positions = positions.clone()
-                positions[:, slots] += offsets.T.to(positions.device, positions.dtype)
-                if os.environ.get(RECORD_ENV) == "1":
-                    record({"kind": "positions", "positions": positions[:, slots].T.tolist()})
-        return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
-
-    def get_encoder_cudagraph_config(self):
-        # the encoder CUDA-graph path bypasses embed_multimodal, i.e. the pruning
-        config = super().get_encoder_cudagraph_config()
-        return dataclasses.replace(config, modalities=[])
