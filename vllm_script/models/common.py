@@ -269,13 +269,13 @@ class ScriptProcessorMixin(RequestKwargsGuardMixin):
         settings = ScriptSettings.from_json(str(raw_settings))
         for modality in self.script_modalities:
             num_items = self.script_num_items(outputs, modality)
-            self.script_add_fields(outputs, modality, num_items, settings, query)
+            self.script_add_item_fields(outputs, modality, num_items, settings, query)
         return outputs
 
-    def script_add_fields(
+    def script_add_item_fields(
         self, outputs, modality: str, num_items: int, settings: ScriptSettings, query
     ) -> None:
-        """Attach the per-item fields (settings, question ids and text) to HF outputs."""
+        """Attach one modality's per-item fields (settings, question ids and text)."""
         if not num_items:
             return
         text = self.script_query_text(query) if settings.relevance == "clip" else ""

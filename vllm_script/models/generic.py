@@ -211,7 +211,7 @@ class GenericProcessorMixin(ScriptProcessorMixin):
         images = mm_items.get("image")
         if settings is None or not isinstance(images, ImageProcessorItems) or not len(images):
             return outputs
-        self.script_add_fields(outputs, "image", len(images), settings, query)
+        self.script_add_item_fields(outputs, "image", len(images), settings, query)
         return outputs
 
     def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs):
