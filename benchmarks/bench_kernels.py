@@ -41,6 +41,7 @@ from pathlib import Path
 
 import torch
 
+from vllm_script.cpu_threads import selection_threads
 from vllm_script.methods import apply_selection, script_select
 from vllm_script.reference import bipartite as rbip
 from vllm_script.reference import divprune as rdiv
@@ -181,10 +182,12 @@ def make_call(op, impl, feats, rel, k, query):
         return lambda: rdiv.divprune_order(feats, k)
 
     def script():
-        # as vllm_script.pruning runs it: fp32 once on CPU, relevance, selection, gather
-        tokens = feats.float() if feats.device.type == "cpu" else feats
-        selection = script_select(tokens, llm_relevance(tokens, query), k)
-        return apply_selection(feats, selection), selection.info["order"]
+        # as vllm_script.pruning runs it: its thread count, fp32 once on CPU, relevance,
+        # selection, gather
+        with selection_threads(feats.device):
+            tokens = feats.float() if feats.device.type == "cpu" else feats
+            selection = script_select(tokens, llm_relevance(tokens, query), k)
+            return apply_selection(feats, selection), selection.info["order"]
 
     return script
 

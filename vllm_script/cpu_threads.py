@@ -14,6 +14,11 @@ import os
 import torch
 
 CPU_THREADS_ENV = "VLLM_SCRIPT_CPU_THREADS"
+# A GEMM of at least this many multiply-adds runs on the threads torch had outside the
+# selection: one large op amortises the fork/join (the bipartite statistics at LLaVA-1.5
+# geometry, D = 1024, are 85 M; at LLaVA-NeXT 2.2 G).
+GEMM_THREADS_MIN_MACS = 32 * 2**20
+_outer: list[int] = []  # thread counts outside the active selection blocks
 
 
 class selection_threads:  # noqa: N801 - used as a context manager, like torch.no_grad
@@ -30,10 +35,30 @@ class selection_threads:  # noqa: N801 - used as a context manager, like torch.n
         self.mine = min(self.all, want) if cpu and want > 0 else self.all
 
     def __enter__(self):
+        _outer.append(self.all)
         if self.mine != self.all:
             torch.set_num_threads(self.mine)
         return self
 
     def __exit__(self, *exc):
+        _outer.pop()
         if self.mine != self.all:
             torch.set_num_threads(self.all)
+
+
+class gemm_threads:  # noqa: N801 - a context manager
+    """Inside a `selection_threads` block: run one GEMM of `macs` multiply-adds on the
+    threads torch had outside the block when it is large (GEMM_THREADS_MIN_MACS)."""
+
+    def __init__(self, macs: int):
+        self.now = torch.get_num_threads()
+        self.want = _outer[-1] if _outer and macs >= GEMM_THREADS_MIN_MACS else self.now
+
+    def __enter__(self):
+        if self.want != self.now:
+            torch.set_num_threads(self.want)
+        return self
+
+    def __exit__(self, *exc):
+        if self.want != self.now:
+            torch.set_num_threads(self.now)

@@ -9,6 +9,9 @@ from typing import NamedTuple
 
 import torch
 
+from vllm_script.cpu_threads import gemm_threads
+from vllm_script.reference import dpp_cpu
+
 # dst columns per tile: bounds the live similarity block to B * N/2 * TILE floats.
 DST_TILE = 1024
 
@@ -29,12 +32,13 @@ def bipartite_stats(features: torch.Tensor, tau: float) -> BipartiteStats:
     src = tokens 0, 2, 4, ...; dst = tokens 1, 3, 5, ...; `S` is the cosine similarity,
     computed as the kernel does: `S_ij = ((f_i . f_j) * r_i) * r_j` with fp32 dots and
     `r = 1 / max(||f||, 1e-12)`. No [N/2, N/2] matrix is materialised: dst is
-    processed in tiles of `DST_TILE` columns.
+    processed in tiles of `DST_TILE` columns. On CPU tensors (with numba) one compiled pass
+    per tile folds the dots into the statistics; elsewhere tensor ops do.
     """
-    feats = features.float()
+    feats = features.detach().float()
     inv = 1.0 / (feats * feats).sum(-1).sqrt().clamp_min(1e-12)  # x * x: 3x pow's speed
-    src, dst = feats[:, 0::2], feats[:, 1::2]
-    inv_src, inv_dst = inv[:, 0::2], inv[:, 1::2]
+    src, dst = feats[:, 0::2].contiguous(), feats[:, 1::2].contiguous()
+    inv_src, inv_dst = inv[:, 0::2].contiguous(), inv[:, 1::2].contiguous()
     bsz, n_src, _ = src.shape
     n_dst = dst.shape[1]
     device = features.device
@@ -43,6 +47,22 @@ def bipartite_stats(features: torch.Tensor, tau: float) -> BipartiteStats:
     total_sum = torch.zeros(bsz, n_src, device=device)
     best_sim = torch.full((bsz, n_src), float("-inf"), device=device)
     best_dst = torch.zeros(bsz, n_src, dtype=torch.long, device=device)
+
+    if device.type == "cpu" and dpp_cpu.available():
+        # one compiled pass per tile of dots instead of a dozen full-size tensor ops
+        from vllm_script.reference._numba_loops import bipartite_rows
+
+        for b in range(bsz):
+            for start in range(0, n_dst, DST_TILE):
+                tile = dst[b, start : start + DST_TILE]
+                with gemm_threads(n_src * tile.shape[0] * src.shape[-1]):
+                    dots = src[b] @ tile.T
+                bipartite_rows(
+                    dots.numpy(), inv_src[b].numpy(), inv_dst[b, start : start + DST_TILE].numpy(),
+                    float(tau), start, degree[b].numpy(), edge_sum[b].numpy(),
+                    total_sum[b].numpy(), best_sim[b].numpy(), best_dst[b].numpy(),
+                )  # fmt: skip
+        return BipartiteStats(degree, edge_sum, total_sum, best_sim, best_dst)
 
     for start in range(0, n_dst, DST_TILE):
         b_sim = torch.bmm(src, dst[:, start : start + DST_TILE].transpose(1, 2))

@@ -52,7 +52,7 @@ def greedy_one(
     sq = sumsq(features)
     w = token_scale(sq, quality)
     diag = (sq * w) * w
-    from vllm_script.reference._dpp_numba import lazy_greedy
+    from vllm_script.reference._numba_loops import lazy_greedy
 
     feats = np.ascontiguousarray(features.float().numpy())
     picks = np.empty(k, dtype=np.int64)

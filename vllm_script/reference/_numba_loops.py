@@ -1,6 +1,7 @@
-"""numba-compiled loops of the CPU greedy DPP (see `vllm_script.reference.dpp_cpu`).
-
-Imported only when the CPU path first runs (importing numba costs ~0.5 s).
+"""numba-compiled loops of the CPU paths: the lazy greedy DPP (see
+`vllm_script.reference.dpp_cpu`) and the per-row pass of GSP's bipartite statistics (see
+`vllm_script.reference.bipartite`). Imported only when a CPU path first runs (importing
+numba costs ~0.5 s).
 """
 
 from __future__ import annotations
@@ -135,3 +136,32 @@ def lazy_greedy(feats, w, diag, fill, avail, k, gain_eps, tie_rtol, picks):
         picks[t] = pick
         avail[pick] = False
         root[t] = np.sqrt(gains[pick])
+
+
+@numba.njit(cache=True, nogil=True)
+def bipartite_rows(dots, inv_src, inv_dst, tau, offset, degree, edge_sum, total_sum, best, arg):
+    """One tile of dst columns: dots [M, T] fp32 (src . dst), inverse norms [M] / [T];
+    folds S_ij = (dots_ij * r_i) * r_j into the per-src statistics [M] in place (degree
+    over S >= tau, the sum of those edges, the sum of all, the best S and its first dst
+    index, `offset` + column). One pass over the tile, in column order."""
+    for i in range(dots.shape[0]):
+        r_i = inv_src[i]
+        deg = 0
+        esum = np.float32(0.0)
+        tsum = np.float32(0.0)
+        b = best[i]
+        a = arg[i]
+        for j in range(dots.shape[1]):
+            s = (dots[i, j] * r_i) * inv_dst[j]
+            tsum += s
+            if s >= tau:
+                deg += 1
+                esum += s
+            if s > b:  # strict: ties keep the lowest dst index
+                b = s
+                a = offset + j
+        degree[i] += deg
+        edge_sum[i] += esum
+        total_sum[i] += tsum
+        best[i] = b
+        arg[i] = a
