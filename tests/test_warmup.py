@@ -80,7 +80,7 @@ def test_cpu_warmup_compiles_the_cpu_greedy():
 
     timings = warmup.warm_up(torch.device("cpu"), torch.bfloat16, 64)
     assert [name for name, _ in timings] == (
-        ["dpp (compiled CPU greedy)"] if dpp_cpu.available() else []
+        ["compiled CPU loops (DPP, GSP)"] if dpp_cpu.available() else []
     )
 
 
