@@ -84,6 +84,23 @@ def test_cpu_warmup_compiles_the_cpu_greedy():
     )
 
 
+@pytest.mark.parametrize("steps", ["cpu", "kernels"])
+def test_warmup_under_the_models_default_dtype(steps):
+    """vLLM builds the model, and so runs the warm-up, with the model's dtype (bf16) as
+    torch's default: nothing may depend on the default being fp32 (a bf16 buffer made
+    `.numpy()` raise and stopped the engine)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        if steps == "cpu":
+            warmup.warm_up(torch.device("cpu"), torch.bfloat16, 64)
+        else:
+            for _, step in warmup._steps(torch.device("cpu"), torch.bfloat16, 32):
+                step()
+    finally:
+        torch.set_default_dtype(previous)
+
+
 def _inputs():
     g = torch.Generator().manual_seed(0)
     return torch.randn(2, 40, 16, generator=g), torch.rand(2, 40, generator=g)

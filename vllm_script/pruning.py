@@ -242,7 +242,7 @@ class _Group:
         text = []
         for q in self.query_embeds():
             if q.numel() == 0:  # no question: equal scores, TRIM keeps the first tokens
-                text.append(torch.zeros(tokens.shape[-1], device=tokens.device))
+                text.append(tokens.new_zeros(tokens.shape[-1], dtype=torch.float32))
             else:
                 text.append(F.normalize(q.float(), dim=-1).mean(dim=0))
         return tokens, torch.stack(text)

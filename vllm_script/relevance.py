@@ -19,7 +19,7 @@ def llm_relevance(tokens: torch.Tensor, queries: list[torch.Tensor]) -> torch.Te
     x = tokens.float()
     bsz, _, dim = x.shape
     # the question's mean unit embedding per image (zeros for an empty question)
-    e_mean = torch.zeros(bsz, dim, device=x.device)
+    e_mean = torch.zeros(bsz, dim, dtype=torch.float32, device=x.device)
     for b, query in enumerate(queries):
         if query.numel():
             e_mean[b] = F.normalize(query.float().to(x.device), dim=-1).mean(dim=0)

@@ -42,7 +42,8 @@ def script_code_select(features: torch.Tensor, relevance: torch.Tensor | None, k
             raise ValueError("relevance must be finite and non-negative")
     device = features.device
     x = F.normalize(features.float(), dim=-1)
-    q = torch.ones(bsz, n, device=device) if relevance is None else relevance.float()
+    f32 = torch.float32
+    q = torch.ones(bsz, n, dtype=f32, device=device) if relevance is None else relevance.float()
     gain = q * (x * x).sum(dim=-1) * q
     picked = torch.zeros(bsz, n, dtype=torch.bool, device=device)
     order = torch.empty(bsz, k, dtype=torch.long, device=device)

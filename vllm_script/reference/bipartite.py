@@ -43,9 +43,9 @@ def bipartite_stats(features: torch.Tensor, tau: float) -> BipartiteStats:
     n_dst = dst.shape[1]
     device = features.device
     degree = torch.zeros(bsz, n_src, dtype=torch.long, device=device)
-    edge_sum = torch.zeros(bsz, n_src, device=device)
-    total_sum = torch.zeros(bsz, n_src, device=device)
-    best_sim = torch.full((bsz, n_src), float("-inf"), device=device)
+    edge_sum = torch.zeros(bsz, n_src, dtype=torch.float32, device=device)
+    total_sum = torch.zeros(bsz, n_src, dtype=torch.float32, device=device)
+    best_sim = torch.full((bsz, n_src), float("-inf"), dtype=torch.float32, device=device)
     best_dst = torch.zeros(bsz, n_src, dtype=torch.long, device=device)
 
     if device.type == "cpu" and dpp_cpu.available():

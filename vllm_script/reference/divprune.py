@@ -34,7 +34,7 @@ def nearest_neighbor_distance(features: torch.Tensor, tile: int = TILE) -> torch
     `tile` rows at a time (never N x N when N > tile). N == 1: +inf."""
     x = F.normalize(features.float(), dim=-1)
     bsz, n, _ = x.shape
-    out = torch.empty(bsz, n, device=x.device)
+    out = torch.empty(bsz, n, dtype=torch.float32, device=x.device)
     for start in range(0, n, tile):
         sim = x[:, start : start + tile] @ x.transpose(1, 2)  # [B, t, N]
         diag = torch.arange(sim.shape[1], device=x.device)
@@ -67,7 +67,7 @@ def divprune_order(
     else:
         sim = None
         order[:, 0] = first_best(nearest_neighbor_distance(x, tile))
-    min_dist = torch.full((bsz, n), float("inf"), device=device)
+    min_dist = torch.full((bsz, n), float("inf"), dtype=torch.float32, device=device)
     picked = torch.zeros(bsz, n, dtype=torch.bool, device=device)
     for t in range(k):
         if t:

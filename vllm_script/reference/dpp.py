@@ -131,9 +131,10 @@ def _greedy_one(
     gains = diag.clone()  # exact for up-to-date tokens, an upper bound for stale ones
     base = diag.clone()  # gains after the committed rows [0, t0)
     avail = eligible.clone()
-    chol = torch.zeros(k, n, device=device)  # committed Cholesky rows (live tokens only)
-    pend = torch.zeros(COMMIT_BLOCK, n, device=device)  # pending rows [t0, t), fresh tokens
-    tri = torch.eye(COMMIT_BLOCK, device=device)  # pending picks' factor (lower triangle)
+    f32 = torch.float32  # explicit: vLLM builds models under their dtype as the default
+    chol = torch.zeros(k, n, dtype=f32, device=device)  # committed Cholesky rows (live tokens)
+    pend = torch.zeros(COMMIT_BLOCK, n, dtype=f32, device=device)  # pending rows [t0, t)
+    tri = torch.eye(COMMIT_BLOCK, dtype=f32, device=device)  # pending picks' factor (lower)
     fresh = torch.zeros(n, dtype=torch.bool, device=device)
     picks = torch.empty(k, dtype=torch.long, device=device)
     t0 = 0
@@ -189,7 +190,7 @@ def _greedy_one(
                 chol[t0 : t + 1] = torch.where(live, x, 0.0)
                 gains = torch.where(live, base - x.square().sum(0), gains)
                 base = gains.clone()
-                tri = torch.eye(COMMIT_BLOCK, device=device)
+                tri = torch.eye(COMMIT_BLOCK, dtype=f32, device=device)
                 t0 = t + 1
     return picks
 
@@ -209,7 +210,8 @@ def dpp_greedy_map_materialized(
     out = torch.empty(bsz, k, dtype=torch.long, device=features.device)
     for b in range(bsz):
         f = features[b].float()
-        q = torch.ones(n, device=f.device) if relevance is None else relevance[b].float()
+        ones = torch.ones(n, dtype=torch.float32, device=f.device)
+        q = ones if relevance is None else relevance[b].float()
         q = q.clamp_min(0)
         sq = sumsq(f)
         w = token_scale(sq, q)
@@ -223,7 +225,7 @@ def dpp_greedy_map_materialized(
             if candidates is None
             else candidates[b].clone()
         )
-        chol = torch.zeros(k, n, device=f.device)
+        chol = torch.zeros(k, n, dtype=torch.float32, device=f.device)
         for t in range(k):
             score = torch.where(gains > eps, gains, fill).masked_fill_(~avail, float("-inf"))
             j = int(first_true(select(score, eps, tie)))
@@ -271,7 +273,7 @@ def _per_image(greedy, features, relevance, k, candidates) -> torch.Tensor:
     out = torch.empty(bsz, k, dtype=torch.long, device=features.device)
     for b in range(bsz):
         quality = (
-            torch.ones(n, device=features.device)
+            torch.ones(n, dtype=torch.float32, device=features.device)
             if relevance is None
             else relevance[b].float().clamp_min(0)
         )
@@ -328,7 +330,7 @@ def dpp_greedy_map_varlen(
     for b, k_b in enumerate(k):
         lo, hi = bounds[b], bounds[b + 1]
         quality = (
-            torch.ones(hi - lo, device=features.device)
+            torch.ones(hi - lo, dtype=torch.float32, device=features.device)
             if relevance is None
             else relevance[lo:hi].float().clamp_min(0)
         )
