@@ -48,7 +48,7 @@ def gsp_select(
     bsz, n, dim = features.shape
     alive = torch.arange(n, device=features.device).expand(bsz, n)
     while alive.shape[1] > k:
-        sub = gather_rows(features, alive)
+        sub = features if alive.shape[1] == n else gather_rows(features, alive)
         order = redundancy_order(gsp_scores(sub, tau, gamma)[0])
         n_remove = min(alive.shape[1] - k, order.shape[1])
         drop = 2 * order[:, :n_remove]  # src position i is token 2i of the round
