@@ -122,7 +122,7 @@ def render_demo(path: Path) -> str:
         f"`{on['size']}` ({on['model']}). Median of {on['requests']} requests per setting, "
         f"a fresh image each, prefix caching off; run {on['when']}, 1-minute load "
         f"average {on.get('load_avg') or '?'} at the end. Generated from "
-        f"`{path.relative_to(ROOT)}` {GENERATED_BY}.\n\n```\n{format_table(rows)}\n```"
+        f"`{_rel(path)}` {GENERATED_BY}.\n\n```\n{format_table(rows)}\n```"
     )
 
 
@@ -137,20 +137,34 @@ LOAD_TABLE = [
 ]
 
 
+def _rel(path: Path) -> str:
+    """A result file's path as the documents name it (relative to the repository)."""
+    path = Path(path).resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
+def spec_table(intro: str, spec: list[tuple[str, str, str]], rows: list[dict]) -> str:
+    """`intro`, then a markdown table: one column per (CSV column, header, format)."""
+    lines = [
+        intro,
+        "",
+        "| " + " | ".join(header for _, header, _ in spec) + " |",
+        "|" + "|".join("---" if fmt == "s" else "---:" for _, _, fmt in spec) + "|",
+    ]
+    for row in rows:
+        cells = [_cell(str(row.get(col, "")), fmt) for col, _, fmt in spec]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def render_server_load(path: Path) -> str:
     """tests/test_server_load.py's CSV -> a table (subset rows share the burst's req/s)."""
     rows = read_csv(path)
-    lines = [
+    intro = (
         f"Machine: {rows[0].get('machine', '?')}; run {rows[0].get('when', '?')}. "
-        f"Generated from `{path.relative_to(ROOT)}` {GENERATED_BY}.",
-        "",
-        "| " + " | ".join(header for _, header, _ in LOAD_TABLE) + " |",
-        "|" + "|".join("---" if fmt == "s" else "---:" for _, _, fmt in LOAD_TABLE) + "|",
-    ]
-    for row in rows:
-        cells = [_cell(str(row.get(col, "")), fmt) for col, _, fmt in LOAD_TABLE]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        f"Generated from `{_rel(path)}` {GENERATED_BY}."
+    )
+    return spec_table(intro, LOAD_TABLE, rows)
 
 
 def _ms(value: str) -> str:
@@ -165,7 +179,7 @@ def render_kernels(path: Path) -> str:
         f"Device: {first['device']}; D = {first['d']}; {first.get('note') or 'no note'}. "
         f"Median and p20-p80 of each row's repeats after a warm-up; `agree`: leading picks "
         f"equal to `torch-loop`'s (the reference). Generated from "
-        f"`{path.relative_to(ROOT)}` {GENERATED_BY}.",
+        f"`{_rel(path)}` {GENERATED_BY}.",
         "",
         "| op | N -> K | images | dtype | implementation | threads | median (ms) "
         "| p20-p80 (ms) | agree |",
@@ -203,17 +217,11 @@ TTFT_TABLE = [
 def render_ttft(path: Path) -> str:
     """bench_ttft_projection.py's CSV -> a table per (geometry, batch, method)."""
     rows = read_csv(path)
-    lines = [
+    intro = (
         f"Device: {rows[0]['device']}, {rows[0]['dtype']}, median of {rows[0]['repeats']} "
-        f"repeats. Generated from `{path.relative_to(ROOT)}` {GENERATED_BY}.",
-        "",
-        "| " + " | ".join(header for _, header, _ in TTFT_TABLE) + " |",
-        "|" + "|".join("---" if fmt == "s" else "---:" for _, _, fmt in TTFT_TABLE) + "|",
-    ]
-    for row in rows:
-        cells = [_cell(str(row.get(col, "")), fmt) for col, _, fmt in TTFT_TABLE]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        f"repeats. Generated from `{_rel(path)}` {GENERATED_BY}."
+    )
+    return spec_table(intro, TTFT_TABLE, rows)
 
 
 RENDERERS: dict[str, Callable[[Path], str]] = {

@@ -43,6 +43,14 @@ def test_gpu_check_dry_run(tmp_path):
     # every CPU implementation picks exactly the reference's tokens
     assert by_key[("dpp", "torch-lazy")]["agree"] == "64"
 
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import make_readme_table
+
+    for render, name in ((make_readme_table.render_kernels, "kernels"),
+                         (make_readme_table.render_ttft, "ttft_projection")):  # fmt: skip
+        table = render(tmp_path / f"{name}_{device}.csv")
+        assert table.count("\n|") >= 3, table  # header, rule and rows
+
     projection = _rows(tmp_path / f"ttft_projection_{device}.csv")
     seen = {(r["geometry"], r["batch"], r["method"]) for r in projection}
     assert seen == {
