@@ -23,6 +23,8 @@ from vllm_script.reference import contract  # noqa: E402
 from vllm_script.reference import divprune as rdiv  # noqa: E402
 from vllm_script.reference import dpp as rdpp  # noqa: E402
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
 
 def _inputs(n, d, seed, dtype=torch.float32, dups=True):
     g = torch.Generator().manual_seed(seed)
@@ -45,7 +47,7 @@ def test_twin_and_kernel_picks_keep_the_contract(n, k, d, dtype):
     """D = 8 < k: the fill phase; duplicates: exact ties."""
     f, q = _inputs(n, d, seed=n + d, dtype=dtype)
     twin = rdpp.dpp_greedy_map(f[None], q[None], k)[0].tolist()
-    kernel = kdpp.dpp_greedy_map(f[None], q[None], k)[0].tolist()
+    kernel = kdpp.dpp_greedy_map(f[None].to(DEVICE), q[None].to(DEVICE), k)[0].tolist()
     assert contract.greedy_violations(f, q, twin) == []
     assert contract.greedy_violations(f, q, kernel) == []
     tie = contract.first_near_tie(f, q, twin)
@@ -82,7 +84,7 @@ def test_greedy_check_rejects_a_wrong_fill_order():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_bipartite_stats_keep_the_contract(dtype):
     f = torch.stack([_inputs(151, 72, seed=s, dtype=dtype)[0] for s in (1, 2)])
-    for stats in (rbip.bipartite_stats(f, 0.1), kbip.bipartite_stats(f, 0.1)):
+    for stats in (rbip.bipartite_stats(f, 0.1), kbip.bipartite_stats(f.to(DEVICE), 0.1)):
         for image in (0, 1):
             assert contract.bipartite_violations(f, 0.1, stats, image) == []
 
@@ -100,7 +102,7 @@ def test_bipartite_check_rejects_broken_stats():
 
 def test_divprune_orders_keep_the_contract():
     f = torch.stack([_inputs(90, 32, seed=s)[0] for s in (4, 5)])
-    for order in (rdiv.divprune_order(f, 30), kdiv.divprune_order(f, 30)):
+    for order in (rdiv.divprune_order(f, 30), kdiv.divprune_order(f.to(DEVICE), 30).cpu()):
         for image in (0, 1):
             assert contract.divprune_violations(f[image], order[image].tolist()) == []
     good = rdiv.divprune_order(f, 30)[0].tolist()

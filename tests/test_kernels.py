@@ -89,8 +89,13 @@ def test_dpp_kernel_matches_twin(n, k, d, bsz):
     want = rdpp.dpp_greedy_map(f, rel, k, candidates=cand)
     got = kdpp.dpp_greedy_map(_to(f), _to(rel), k, candidates=_to(cand)).cpu()
     assert got.shape == (bsz, k)
-    assert torch.equal(got, want)
     _check_picks(got, k, cand)
+    if DEVICE == "cpu":
+        assert torch.equal(got, want)  # the interpreter sums in the twin's order
+    else:
+        # on a GPU near-ties (D = 1000: 1 - cos^2 within an fp32 ulp of 1) may break the
+        # other way: the numerics contract, and identical picks up to the first near tie
+        _assert_greedy_contract(f, rel, cand, k, got, want)
 
 
 @pytest.mark.parametrize("materialize", [True, False], ids=["gram", "rows"])
@@ -384,6 +389,10 @@ def test_gram_groups_by_hand():
     assert kdpp.gram_groups([30], 100) == [[0]]  # alone in its group even when too large
 
 
+@pytest.mark.skipif(
+    torch.cuda.is_available(),
+    reason="the interpreter's stand-in for the GPU path; on CUDA the gpu tests run the real one",
+)
 @pytest.mark.parametrize("kernel", ["dpp", "divprune"])
 def test_gpu_host_path_on_cpu(monkeypatch, kernel):
     """The GPU decisions (MMA tiles, power-of-two grid buckets with padded images, steps

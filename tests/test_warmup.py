@@ -26,6 +26,8 @@ STEP_FAILURE = KernelError(
     "vllm_script.kernels.dpp._dpp_step_kernel",
     AssertionError("initial value for `j` is of type int32[], but the then block redefines it"),
 )
+# the kernels' device: CPU tensors reach Triton only under the interpreter
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 @pytest.fixture(autouse=True)
@@ -35,10 +37,10 @@ def _process_default():
 
 
 def test_every_warmup_step_runs():
-    """The warm-up's inputs are valid for every kernel it reaches (here under the
+    """The warm-up's inputs are valid for every kernel it reaches (without CUDA under the
     interpreter; on a GPU the same steps compile and capture the step graphs)."""
     names = []
-    for name, step in warmup._steps(torch.device("cpu"), torch.bfloat16, 48):
+    for name, step in warmup._steps(DEVICE, torch.bfloat16, 48):
         step()
         names.append(name)
     assert names == [
@@ -95,7 +97,7 @@ def test_warmup_under_the_models_default_dtype(steps):
         if steps == "cpu":
             warmup.warm_up(torch.device("cpu"), torch.bfloat16, 64)
         else:
-            for _, step in warmup._steps(torch.device("cpu"), torch.bfloat16, 32):
+            for _, step in warmup._steps(DEVICE, torch.bfloat16, 32):
                 step()
     finally:
         torch.set_default_dtype(previous)
