@@ -3,7 +3,7 @@
 No vLLM (the GPU check machine has none): random bf16 weights of LLaVA-1.5-7B's shapes under
 transformers, CLIP ViT-L/14-336 (+ LLaVA's 2-layer projector) and a Vicuna-7B-shaped Llama
 decoder (6.74B parameters), attention "sdpa". Per geometry and batch size, timed (median of
---repeats after a warm-up, CUDA-synchronised):
+--repeats after --warmup untimed runs, CUDA-synchronised):
 
 - vision: the tower on the batch's crops (1 per image at LLaVA-1.5, 5 at LLaVA-NeXT's
   2880 tokens: base + 2x2 tiles, no newline tokens) + the projector;
@@ -117,10 +117,12 @@ def select(method: str, tokens: torch.Tensor, query: list[torch.Tensor], k: int)
     return apply_selection(tokens, selection)
 
 
-def timed(fn, device: torch.device, repeats: int) -> tuple[float, object]:
-    """Median seconds over `repeats` runs after one warm-up; and the last result."""
+def timed(fn, device: torch.device, repeats: int, warmup: int = 3) -> tuple[float, object]:
+    """Median seconds over `repeats` runs after `warmup` untimed ones (a GPU's clocks ramp
+    up and cuBLAS picks its kernels per shape on first use); and the last result."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    out = fn()
+    for _ in range(max(1, warmup)):
+        out = fn()
     sync()
     times = []
     for _ in range(repeats):
@@ -146,18 +148,22 @@ def run(args) -> list[dict]:
             size = models.image_size
             pixels = torch.randn(bsz * crops, 3, size, size, generator=gen).to(device, dtype)
             encode = functools.partial(models.encode, pixels, crops)
-            t_vision, tokens = timed(encode, device, args.repeats)
+            t_vision, tokens = timed(encode, device, args.repeats, args.warmup)
             n = tokens.shape[1]
             with torch.inference_mode():
                 text = models.llm.get_input_embeddings()(text_ids.to(device))
             query = [text] * bsz
             full = torch.cat([text.expand(bsz, -1, -1), tokens], dim=1)
             pruned = torch.cat([text.expand(bsz, -1, -1), tokens[:, :k]], dim=1)
-            t_off, _ = timed(functools.partial(models.prefill, full), device, args.repeats)
-            t_on, _ = timed(functools.partial(models.prefill, pruned), device, args.repeats)
+            t_off, _ = timed(
+                functools.partial(models.prefill, full), device, args.repeats, args.warmup
+            )
+            t_on, _ = timed(
+                functools.partial(models.prefill, pruned), device, args.repeats, args.warmup
+            )
             for method in args.methods:
                 call = functools.partial(select, method, tokens, query, k)
-                t_sel, out = timed(call, device, args.repeats)
+                t_sel, out = timed(call, device, args.repeats, args.warmup)
                 assert out.shape == (bsz, k, tokens.shape[-1]), out.shape
                 off, ideal = t_vision + t_off, t_vision + t_on
                 on = ideal + t_sel
@@ -194,7 +200,8 @@ def main(argv=None) -> Path:
     ap.add_argument("--batches", nargs="+", type=int, default=[1, 16])
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     ap.add_argument("--text-tokens", type=int, default=10)
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3, help="untimed runs before each timing")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)

@@ -10,7 +10,9 @@ nothing; the project runs from this source tree, not installed). Steps:
    LLaVA-1.5 and LLaVA-NeXT geometries; fp32 rows for the DPP and the bipartite
    statistics): kernels_<device>.csv;
 3. benchmarks/bench_ttft_projection.py: vision + prefill of random bf16 LLaVA-1.5-7B
-   shapes with each method's selection in place: ttft_projection_<device>.csv.
+   shapes with each method's selection in place: ttft_projection_<device>.csv;
+4. benchmarks/profile_selection.py: host-side vs device time of one call of each op, and
+   the profiler's tables (launches, allocations, kernels): profile_<device>.txt.
 
 Results go to benchmarks/results/gpu_<device>/ (or --out). About 5 minutes on an H100/H200.
 `--small` is the CPU dry run CI exercises: tiny shapes, one repeat, a few quick tests.
@@ -41,6 +43,7 @@ map_kernels()
 
 import bench_kernels  # noqa: E402
 import bench_ttft_projection  # noqa: E402
+import profile_selection  # noqa: E402
 
 TESTS = ["tests/test_kernels.py", "tests/test_contract.py", "tests/test_warmup.py"]
 # the dry run's tests: quick ones that touch the kernels, the contract and the warm-up
@@ -87,7 +90,9 @@ def main(argv=None) -> Path:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--small", action="store_true", help="CPU dry run: tiny shapes, 1 repeat")
     ap.add_argument("--out", type=Path, default=None)
-    ap.add_argument("--skip", nargs="*", default=[], choices=["tests", "kernels", "projection"])
+    ap.add_argument(
+        "--skip", nargs="*", default=[], choices=["tests", "kernels", "projection", "profile"]
+    )
     args = ap.parse_args(argv)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -125,8 +130,11 @@ def main(argv=None) -> Path:
     if "projection" not in args.skip:
         proj = ["--out", str(out / f"ttft_projection_{name}.csv")]
         if args.small:
-            proj += ["--small", "--batches", "1", "2", "--repeats", "1"]
+            proj += ["--small", "--batches", "1", "2", "--repeats", "1", "--warmup", "1"]
         step("projection", lambda: str(bench_ttft_projection.main(proj)))
+    if "profile" not in args.skip:
+        prof = ["--out", str(out / f"profile_{name}.txt")] + (["--small"] if args.small else [])
+        step("profile", lambda: str(profile_selection.main(prof)))
     summary.append(f"total: {time.perf_counter() - started:.0f} s")
     (out / f"summary_{name}.txt").write_text("\n".join(summary) + "\n")
     print(f"[gpu-check] done in {time.perf_counter() - started:.0f} s; results in {out}")

@@ -51,6 +51,11 @@ def test_gpu_check_dry_run(tmp_path):
         table = render(tmp_path / f"{name}_{device}.csv")
         assert table.count("\n|") >= 3, table  # header, rule and rows
 
+    profile = (tmp_path / f"profile_{device}.txt").read_text()
+    for op in ("dpp", "bipartite", "divprune", "script"):
+        assert f"\n{op} " in profile and f"== {op} " in profile, op
+    assert "Self CPU time total" in profile
+
     projection = _rows(tmp_path / f"ttft_projection_{device}.csv")
     seen = {(r["geometry"], r["batch"], r["method"]) for r in projection}
     assert seen == {
