@@ -9,6 +9,7 @@ Ops and implementations (rows of the CSV):
 | dpp | `compiled` | the CPU path: numba lazy greedy (vllm_script.reference.dpp_cpu) |
 | dpp | `torch-lazy` | the PyTorch twin's lazy blocked queue (reference.dpp.dpp_greedy_map_lazy) |
 | dpp | `torch-loop` | the authors' way: materialise L, then K steps over its rows (reference) |
+| dpp | `triton-tiles-NxTxD` | `triton` with other GPU tiles (--dpp-tiles N x T x D blocks) |
 | dpp-step | `triton`, `triton-eager` | per greedy step: (t(K) - t(1)) / (K - 1) of the rows above |
 | bipartite | `triton`, `torch` | GSP's bipartite statistics |
 | divprune | `triton`, `torch` | DivPrune's pick order |
@@ -147,18 +148,42 @@ def _graphs(enabled: bool):
         module._GRAPHS.disabled = not enabled
 
 
-def implementations(op: str, device: torch.device) -> list[str]:
+def implementations(op: str, device: torch.device, tiles: list[str] = ()) -> list[str]:
     if op == "dpp":
         names = ["torch-loop", "triton", "triton-eager", "torch-lazy"]
+        names += [f"triton-tiles-{spec}" for spec in tiles]
         return names + (["compiled"] if device.type == "cpu" else [])
     if op in ("bipartite", "divprune"):
         return ["torch", "triton"]
     return ["auto"]
 
 
+def _with_tiles(spec: str, feats, rel, k):
+    """The DPP kernel with its GPU step tiles replaced by `spec` = BLOCK_N x BLOCK_T x
+    BLOCK_D (the Gram tiles kept) for the duration of each call."""
+    from vllm_script.kernels import dpp as kdpp
+
+    block_n, block_t, block_d = (int(v) for v in spec.split("x"))
+    default = kdpp._blocks
+
+    def tiles(max_n, d, device):
+        return (block_n, block_t, block_d) + default(max_n, d, device)[3:]
+
+    def call():
+        kdpp._blocks = tiles
+        try:
+            return kdpp.dpp_greedy_map(feats, rel, k)
+        finally:
+            kdpp._blocks = default
+
+    return call
+
+
 def make_call(op, impl, feats, rel, k, query):
     """The timed callable for one row."""
     if op == "dpp":
+        if impl.startswith("triton-tiles-"):
+            return _with_tiles(impl.removeprefix("triton-tiles-"), feats, rel, k)
         if impl.startswith("triton"):
             from vllm_script.kernels import dpp as kdpp
 
@@ -198,6 +223,9 @@ def run_row(args, op, impl, geo, n, k, d, bsz, device, dev_name, ref):
         "dtype": args.dtype, "backend": impl, "repeats": args.repeats,
         "threads": torch.get_num_threads(), "note": args.note,
     }  # fmt: skip
+    if impl in args.skip_impls:
+        row["status"] = "skipped: --skip-impls"
+        return row, None
     if impl.startswith("triton") and device.type != "cuda":
         row["status"] = "skipped: no CUDA (TRITON_INTERPRET is not a speed)"
         return row, None
@@ -239,6 +267,11 @@ def main(argv=None) -> Path:
         "--geometries", nargs="+", default=["llava15", "llavanext"], choices=list(GEOMETRIES)
     )
     ap.add_argument("--ops", nargs="+", default=list(OPS), choices=list(OPS))
+    ap.add_argument(
+        "--dpp-tiles", nargs="*", default=[], metavar="NxTxD",
+        help="extra DPP rows with these GPU step tiles (BLOCK_N x BLOCK_T x BLOCK_D)",
+    )  # fmt: skip
+    ap.add_argument("--skip-impls", nargs="*", default=[], help="implementations to leave out")
     ap.add_argument("--batches", nargs="+", type=int, default=[1])
     ap.add_argument("--dim", type=int, default=4096)
     ap.add_argument("--dtype", default="fp32", choices=list(DTYPES))
@@ -255,6 +288,14 @@ def main(argv=None) -> Path:
     ap.add_argument("--note", default="", help="free text copied into every row")
     args = ap.parse_args(argv)
 
+    for spec in args.dpp_tiles:
+        parts = spec.split("x")
+        if (
+            len(parts) != 3
+            or not all(v.isdigit() and int(v) >= 16 for v in parts)
+            or any(int(v) & (int(v) - 1) for v in parts)
+        ):
+            ap.error(f"--dpp-tiles {spec!r}: expected NxTxD, powers of two >= 16 (e.g. 32x64x128)")
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -270,7 +311,7 @@ def main(argv=None) -> Path:
             for op in args.ops:
                 ref = None
                 step_rows = []
-                for impl in implementations(op, device):
+                for impl in implementations(op, device, args.dpp_tiles):
                     if impl == "compiled" and not dpp_cpu.available():
                         continue
                     row, picks = run_row(

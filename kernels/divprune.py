@@ -21,10 +21,11 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from vllm_script.kernels.bipartite import _inv_norm_kernel
+from vllm_script.kernels.bipartite import inverse_norms
 from vllm_script.kernels.dpp import (
     BLOCK_NT,
     _dpp_gram_kernel,
+    _first_at_least,
     _reduce_max,
     _tile_dot,
     dot_mode,
@@ -135,12 +136,11 @@ def _divprune_step_kernel(
     s_out = score_ptr + ((t + 1) % 2) * T + bos
     p_in = pval_ptr + (t % 2) * B_CAP * NT_CAP + i_b * NT_CAP
     thr = _reduce_max(p_in, nt, BLOCK_NT) - _TIE_ATOL
-    j = tl.full([], _NO_PICK, tl.int32)
-    for it in range(0, nt):
-        if tl.load(p_in + it) >= thr:
-            o_s = it * BLOCK_N + tl.arange(0, BLOCK_N)
-            b_ss = tl.load(s_in + o_s, mask=o_s < N, other=float("-inf"))
-            j = tl.minimum(j, tl.min(tl.where(b_ss >= thr, o_s, _NO_PICK), axis=0))
+    # the lowest index within the tie window lies in the first tile whose best reaches it
+    i_first = _first_at_least(p_in, nt, thr, BLOCK_NT)
+    o_s = i_first * BLOCK_N + tl.arange(0, BLOCK_N)
+    b_ss = tl.load(s_in + o_s, mask=o_s < N, other=float("-inf"))
+    j = tl.min(tl.where(b_ss >= thr, o_s, _NO_PICK), axis=0)
     j = tl.minimum(j, N - 1)  # never address outside the image
     if i_t == 0:
         tl.store(order_ptr + i_b * K + t, j.to(tl.int64))
@@ -197,11 +197,7 @@ def _order_group(features: torch.Tensor, k: int, materialize: bool) -> torch.Ten
     flat = features.reshape(bsz * n, d)
     total = bsz * n
 
-    inv = torch.empty(total, dtype=torch.float32, device=device)
-    launch(
-        _inv_norm_kernel, (triton.cdiv(total, 128),),
-        flat, inv, total, d, BLOCK_N=128, BLOCK_D=max(block_d, 64),
-    )  # fmt: skip
+    inv = inverse_norms(flat, block_d)
     sim = torch.empty(bsz * n * n if materialize else 1, dtype=torch.float32, device=device)
     if materialize:
         offsets = torch.arange(0, (bsz + 1) * n * n, n * n, device=device)
