@@ -127,7 +127,12 @@ class StepGraphs:
             desc_dev.copy_(desc, non_blocking=True)
             graph.replay()
             return
-        desc_dev = desc.to(key[0], non_blocking=True)
+        # the cached descriptor is rewritten in place by every later call of the bucket:
+        # made outside inference mode, so that a bucket first seen under
+        # torch.inference_mode() (a model's forward) still serves calls outside it
+        with torch.inference_mode(False):
+            desc_dev = torch.empty(desc.shape, dtype=desc.dtype, device=key[0])
+            desc_dev.copy_(desc, non_blocking=True)
         launch_steps(desc_dev)
         if self.disabled:
             return

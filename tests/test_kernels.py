@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -387,6 +388,31 @@ def test_gram_groups_by_hand():
     assert kdpp.gram_groups([10, 10, 20, 10], 1999) == [[0, 1], [2], [3]]
     assert kdpp.gram_groups([10, 10, 10], 1200) == [[0, 1, 2]]
     assert kdpp.gram_groups([30], 100) == [[0]]  # alone in its group even when too large
+
+
+def test_step_graphs_serve_calls_in_and_out_of_inference_mode(monkeypatch):
+    """A bucket captured under torch.inference_mode() (as in a model's forward) is
+    replayed outside it and back: its cached descriptor is updated in place each call
+    (on an H200 this raised "Inplace update to inference tensor outside InferenceMode")."""
+    from vllm_script.kernels import launch as klaunch
+
+    replays = []
+    graph = SimpleNamespace(replay=lambda: replays.append(1))
+    monkeypatch.setattr(klaunch.StepGraphs, "_capture", staticmethod(lambda desc, steps: graph))
+    graphs = klaunch.StepGraphs("test")
+    seen = []
+
+    def steps(desc_dev):
+        seen.append(desc_dev.tolist())
+
+    key = (torch.device("cpu"), (1, 1), 32, 16, 16)
+    with torch.inference_mode():
+        graphs.run(key, torch.tensor([1, 2]), steps)  # eager run, then capture
+    graphs.run(key, torch.tensor([3, 4]), steps)  # replay outside inference mode
+    with torch.inference_mode():
+        graphs.run(key, torch.tensor([5, 6]), steps)
+    assert seen == [[1, 2]] and len(replays) == 2
+    assert graphs.graphs[key][1].tolist() == [5, 6]
 
 
 @pytest.mark.skipif(
