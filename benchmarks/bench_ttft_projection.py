@@ -19,7 +19,7 @@ ideal speed-up = off / ideal, % of ideal = ideal / on, selection % of TTFT = sel
 A serving engine's prefill is faster than transformers' eager one, so there the
 selection's share of TTFT is larger, not smaller.
 
-    python benchmarks/bench_ttft_projection.py                # GPU, 7B shapes (~2 min)
+    python benchmarks/bench_ttft_projection.py                # GPU, 7B shapes (~40 s on an H200)
     python benchmarks/bench_ttft_projection.py --small        # CPU dry run, tiny shapes
 """
 
