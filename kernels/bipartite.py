@@ -2,8 +2,8 @@
 
 Twin (oracle and CPU path): `vllm_script.reference.bipartite.bipartite_stats`, same
 signature and arithmetic: `S_ij = ((f_i . f_j) * r_i) * r_j`, fp32 accumulation (bf16/fp16
-products exact on tensor cores; fp32 inputs as 3xTF32, see `kernels.dpp.dot_mode`),
-`r = 1 / max(||f||, 1e-12)`.
+products exact on tensor cores; fp32 inputs as 3xTF32, see
+`vllm_script.kernels.dpp.dot_mode`), `r = 1 / max(||f||, 1e-12)`.
 
 One program per (tile of BLOCK_M src tokens, split of the dst tokens, image) walks its
 split in tiles of BLOCK_N, keeping per src row the degree (#S >= tau), the sum over those

@@ -5,11 +5,13 @@ the first pick is the token whose nearest other token is farthest (`argmax_i min
 (1 - S_ij)`), then repeatedly the unpicked token with the largest distance to its nearest
 picked token; ties (within `TIE_ATOL`) to the lowest index. `S_ij = (f_i . f_j) (r_i r_j)`,
 symmetric whenever the dots are, `r = 1 / max(||f||, 1e-12)`, fp32 accumulation (see
-`kernels.dpp.dot_mode`).
+`vllm_script.kernels.dpp.dot_mode`).
 
-Plan: inverse norms; the Gram matrices F F^T (`kernels.dpp._dpp_gram_kernel`) while they
-fit `kernels.dpp.gram_max_bytes()`, else rows on the fly; `_divprune_nn_kernel` gives each
-token its nearest-neighbour distance (the scores of step 0) and per-tile bests; then one
+Plan: inverse norms (`vllm_script.kernels.bipartite.inverse_norms`); the Gram matrices
+F F^T (`vllm_script.kernels.dpp._dpp_gram_kernel`) while they fit
+`vllm_script.kernels.dpp.gram_max_bytes()`, else rows on the fly; `_divprune_nn_kernel`
+gives each token its nearest-neighbour distance (the scores of step 0) and per-tile
+bests; then one
 `_divprune_step_kernel` launch per pick for all images together: every program finds the
 pick from the per-tile bests, folds row S[j, tile] into its tokens' running minimum and
 publishes its tile's best (double-buffered). On a GPU the step launches are replayed from
@@ -131,7 +133,7 @@ def _divprune_step_kernel(
     T = B * N
     bos = i_b.to(tl.int64) * N
     nt = tl.cdiv(N, BLOCK_N)
-    # scores and tile bests of step t live in buffer t % 2 (see kernels.dpp)
+    # scores and tile bests of step t live in buffer t % 2 (see vllm_script.kernels.dpp)
     s_in = score_ptr + (t % 2) * T + bos
     s_out = score_ptr + ((t + 1) % 2) * T + bos
     p_in = pval_ptr + (t % 2) * B_CAP * NT_CAP + i_b * NT_CAP
