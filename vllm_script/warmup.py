@@ -28,7 +28,7 @@ def _steps(device: torch.device, dtype: torch.dtype, hidden: int):
     from vllm_script.kernels import dpp as kdpp
 
     g = torch.Generator(device="cpu").manual_seed(0)
-    n, k = 300, 20  # three 128-token tiles: the multi-tile code paths
+    n, k = 300, 20  # several GPU step tiles (32 tokens each): the multi-tile code paths
     feats = torch.randn(2, n, hidden, generator=g).to(device=device, dtype=dtype)
     rel = torch.rand(2, n, generator=g, dtype=torch.float32).to(device)
     cand = torch.ones(2, n, dtype=torch.bool, device=device)
@@ -89,6 +89,6 @@ def warm_up(device: torch.device, dtype: torch.dtype, hidden: int) -> list[tuple
             dpp_cpu.greedy_one(
                 torch.randn(8, 4, dtype=f32), torch.rand(8, dtype=f32), torch.ones(8, dtype=bool), 3
             )
-            bipartite_stats(torch.randn(1, 8, 4, dtype=torch.float32), 0.2)
+            bipartite_stats(torch.randn(1, 8, 4, dtype=f32), 0.2)
             timings.append(("compiled CPU loops (DPP, GSP)", time.perf_counter() - start))
     return timings
