@@ -79,7 +79,8 @@ ALL_METHODS = ["script", "gsp", "qcsp", "trim", "prumerge+", "divprune", "unifor
 BUDGETS = [192, 128, 64]
 QUICK_BUDGETS = [128, 64]
 # LLaVA-NeXT: 336-px crops, the model's pinpoints; a 672x672 image is 576 (base) + 4 x 576
-# (tiles) + 48 newlines = 2880 tokens. The papers' 88.9 % setting keeps 320 of them.
+# (tiles) + 48 newlines = 2928 tokens (the papers count 2880, without the newlines). The
+# papers' 88.9 % setting keeps 320 of them.
 NEXT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
 GEOMETRIES = {
     # name: (image side in px, default budgets, max_model_len)

@@ -9,9 +9,9 @@ decoder (6.74B parameters), attention "sdpa". Per geometry and batch size, timed
   2880 tokens: base + 2x2 tiles, no newline tokens) + the projector;
 - prefill of the text (--text-tokens) + N visual tokens, and of the text + K kept tokens
   (one forward, last-token logits, as a serving engine computes them);
-- each method's selection exactly as the plugin calls it (`vllm_script.pruning`'s calls
-  into `vllm_script.methods`: relevance from the question's input embeddings, selection,
-  gather), on the projector's output.
+- each method's selection through the `vllm_script.methods` calls the plugin makes, with
+  the default settings (relevance from the question's input embeddings, selection,
+  gather; `uniform` without the image grid), on the projector's output.
 
 TTFT off = vision + prefill(N); ideal = vision + prefill(K) (selection free);
 TTFT on = ideal + selection. Written per (geometry, batch, method): speed-up = off / on,

@@ -14,7 +14,7 @@ nothing; the project runs from this source tree, not installed). Steps:
 4. benchmarks/profile_selection.py: host-side vs device time of one call of each op, and
    the profiler's tables (launches, allocations, kernels): profile_<device>.txt.
 
-Results go to benchmarks/results/gpu_<device>/ (or --out). About 3.5 minutes on an H200.
+Results go to benchmarks/results/gpu_<device>/ (or --out). About 3 minutes on an H200.
 `--small` is the CPU dry run CI exercises: tiny shapes, one repeat, a few quick tests.
 
     python benchmarks/gpu_check.py
