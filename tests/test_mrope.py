@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from types import SimpleNamespace
 
 import pytest
@@ -90,9 +91,15 @@ def test_offsets_survive_low_precision_channels(dtype):
     assert plain is embeds and none is None
 
 
-def test_offset_beyond_the_carried_range_is_refused():
-    with pytest.raises(ValueError, match="outside"):
-        encode_offsets(torch.zeros(1, 4), torch.tensor([[MAX_OFFSET + 1, 0, 0]]))
+def test_offset_beyond_the_carried_range_is_clamped_not_raised(caplog):
+    # in the worker a raise stops the engine: out-of-range offsets are clamped and logged
+    with caplog.at_level(logging.WARNING, logger="vllm_script"):
+        carried = encode_offsets(
+            torch.zeros(2, 4), torch.tensor([[MAX_OFFSET + 1, 0, 0], [-3, 5, 7]])
+        )
+    _, back = decode_offsets(carried, 4)
+    assert back.tolist() == [[MAX_OFFSET, 0, 0], [0, 5, 7]]
+    assert "outside" in caplog.text
 
 
 def test_grid_offsets_raster_order():

@@ -26,6 +26,7 @@ end with text, so that the last position (the largest) fixes the decoding offset
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -38,6 +39,8 @@ OFFSET_BASE = 128
 OFFSET_DIGITS = 3
 OFFSET_CHANNELS = 3 * OFFSET_DIGITS
 MAX_OFFSET = OFFSET_BASE**OFFSET_DIGITS - 1  # 2_097_151: any offset up to this is exact
+
+logger = logging.getLogger("vllm_script")
 
 
 @dataclass(frozen=True)
@@ -122,12 +125,19 @@ def encode_offsets(embeds: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """[K, D], int [K, 3] -> [K, D + 9]: offsets appended as exact base-128 digits.
 
     Offsets above MAX_OFFSET cannot be carried: the processor refuses such requests
-    (`QwenProcessorMixin.script_check_positions`), so reaching it here is a bug, not a bad request.
+    (`QwenProcessorMixin.script_check_positions`). This runs in the worker, where raising
+    would stop the engine, so any that still arrive are clamped into range (logged): their
+    positions are wrong, as they would be clamped to the rotary table later anyway.
     """
-    if offsets.numel() and (int(offsets.max()) > MAX_OFFSET or int(offsets.min()) < 0):
-        raise ValueError(f"position offset {int(offsets.max())} outside [0, {MAX_OFFSET}]")
-    digits = []
     rest = offsets.long()
+    if rest.numel() and (int(rest.max()) > MAX_OFFSET or int(rest.min()) < 0):
+        logger.warning(
+            "vllm-script: position offset %d outside [0, %d]; clamped",
+            int(rest.max()),
+            MAX_OFFSET,
+        )
+        rest = rest.clamp(0, MAX_OFFSET)
+    digits = []
     for _ in range(OFFSET_DIGITS):
         digits.append(rest % OFFSET_BASE)
         rest = torch.div(rest, OFFSET_BASE, rounding_mode="floor")
@@ -207,7 +217,7 @@ def recompute_pruned_positions(
             positions[:, item_slots] = start + offsets.to(device).T
     # the last token holds the largest position (text, or an unpruned item's last token,
     # largest in each of t, h and w): O(1) where the max over [3, L] would be O(L), and
-    # the runner calls this for every running request at every step
+    # the runner calls this whenever a scheduled window holds media embeddings
     length = positions.shape[1]
     delta = int(positions[:, -1].max()) + 1 - length if length else 0
     return stripped, positions, delta

@@ -50,19 +50,17 @@ class ScriptQwen2_5_VLProcessor(
         text = self.info.get_hf_config().text_config
         return text.max_position_embeddings * ROTARY_FACTOR
 
-    def script_spans(self, prompt_ids, placeholders, mm_kwargs):
+    def script_spans(self, prompt_ids, placeholders, grids):
         cfg = self.info.get_hf_config()
         merge = cfg.vision_config.spatial_merge_size
         tokens_per_second = getattr(cfg.vision_config, "tokens_per_second", 1.0)
         spans = []
         for modality, ranges in placeholders.items():
-            for i, r in enumerate(ranges):
-                item = mm_kwargs.get(modality, [None] * len(ranges))[i]
-                if item is None:
+            for r, known in zip(ranges, grids[modality], strict=True):
+                if known is None:
                     return None
-                t, h, w = (int(v) for v in item[f"{modality}_grid_thw"].data)
-                seconds = item.get("second_per_grid_ts") if modality == "video" else None
-                t_factor = _t_factor(None if seconds is None else seconds.data, tokens_per_second)
+                (t, h, w), seconds = known
+                t_factor = _t_factor(seconds if modality == "video" else None, tokens_per_second)
                 grid = (t, h // merge, w // merge)
                 spans.append(MediaSpan(r.offset, grid, t_factor, kept=r.length))
         return spans

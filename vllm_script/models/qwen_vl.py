@@ -28,6 +28,7 @@ fails with a clear message. Pipeline parallelism is not supported with pruning.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import os
@@ -53,6 +54,8 @@ logger = logging.getLogger("vllm_script")
 # The value the plugin gives `video_pruning_rate` on its own worker's config to turn on
 # the GPU runner's position hook; never used as a pruning rate by the plugin's classes.
 POSITION_HOOK_RATE = 1e-9
+# items whose grids the processor remembers by hash, to check processor-cache hits too
+GRID_MEMORY = 4096
 _HOOKED_CONFIGS: set[int] = set()
 
 
@@ -94,6 +97,7 @@ class QwenProcessorMixin:
         super().__init__(*args, **kwargs)
         if self.script_server_settings is not None:
             refuse_with_evs(self.script_user_evs, "server setting (hf_overrides)")
+        self._script_grids: collections.OrderedDict[str, tuple] = collections.OrderedDict()
 
     @property
     def script_user_evs(self) -> float | None:
@@ -147,9 +151,41 @@ class QwenProcessorMixin:
         """Rows of the model's rotary table: positions must stay below this."""
         raise NotImplementedError
 
-    def script_spans(self, prompt_ids: Sequence[int], placeholders, mm_kwargs):
-        """Media spans of a processed prompt (None when an item's data is not at hand)."""
+    def script_spans(self, prompt_ids: Sequence[int], placeholders, grids):
+        """Media spans of a processed prompt, from `script_item_grids`' grids (None when an
+        item's grid is not known)."""
         raise NotImplementedError
+
+    def script_item_grids(self, out) -> dict[str, list[tuple | None]]:
+        """Per modality and item: (grid_thw, second_per_grid_ts or None), or None if unknown.
+
+        A processor-cache hit carries no item data, so the grids of the last GRID_MEMORY
+        items are remembered by their hash: a request refused once (its sender-cache entry
+        already made) is refused again when it is sent again, instead of reaching the engine.
+        """
+        memory = self._script_grids
+        grids = {}
+        for modality, ranges in out["mm_placeholders"].items():
+            items = out["mm_kwargs"].get(modality) or [None] * len(ranges)
+            hashes = out.get("mm_hashes", {}).get(modality) or [None] * len(ranges)
+            row = []
+            for item, key in zip(items, hashes, strict=True):
+                if item is None:
+                    row.append(memory.get(key) if key is not None else None)
+                    continue
+                seconds = item.get("second_per_grid_ts")
+                grid = (
+                    tuple(int(v) for v in item[f"{modality}_grid_thw"].data),
+                    None if seconds is None else float(seconds.data),
+                )
+                row.append(grid)
+                if key is not None:
+                    memory[key] = grid
+                    memory.move_to_end(key)
+                    if len(memory) > GRID_MEMORY:
+                        memory.popitem(last=False)
+            grids[modality] = row
+        return grids
 
     def apply(self, inputs, timing_ctx):
         out = super().apply(inputs, timing_ctx)
@@ -167,8 +203,8 @@ class QwenProcessorMixin:
         would fail on it and stop: e.g. a Qwen2.5-VL video of a few frames hours apart);
         and, when it prunes, placeholders that touch or end the prompt, or positions that
         pass the table while decoding up to `max_model_len`. The positions are checked
-        when the items' grids are at hand, i.e. not for processor-cache hits (the model
-        then clamps as a last resort).
+        whenever the items' grids are known (`script_item_grids`: processor-cache hits of
+        the last GRID_MEMORY items included); otherwise the model clamps as a last resort.
         """
         if self.script_user_evs:  # vLLM's EVS places its own positions
             return
@@ -182,7 +218,8 @@ class QwenProcessorMixin:
             problem = pruned_placeholder_problem(len(prompt), runs)
             if problem is not None:
                 raise ValueError(f"vllm-script cannot prune this request: {problem}")
-        spans = self.script_spans(prompt, out["mm_placeholders"], out["mm_kwargs"])
+        grids = self.script_item_grids(out)
+        spans = self.script_spans(prompt, out["mm_placeholders"], grids)
         if not spans:
             return
         positions, _ = mrope_positions_with_pruning(len(prompt), spans)
