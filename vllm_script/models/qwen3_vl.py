@@ -99,15 +99,14 @@ class ScriptQwen3VLProcessor(QwenProcessorMixin, ScriptProcessorMixin, Qwen3VLMu
         # vLLM sizes Qwen3-VL's rotary table x4 only with EVS (mrope_positions_factor)
         return text.max_position_embeddings * (4 if self.script_user_evs else 1)
 
-    def script_spans(self, prompt_ids, placeholders, mm_kwargs):
+    def script_spans(self, prompt_ids, placeholders, grids):
         merge = self.info.get_hf_config().vision_config.spatial_merge_size
         items = []
         for modality, ranges in placeholders.items():
-            for i, r in enumerate(ranges):
-                item = mm_kwargs.get(modality, [None] * len(ranges))[i]
-                if item is None:
+            for r, known in zip(ranges, grids[modality], strict=True):
+                if known is None:
                     return None
-                t, h, w = (int(v) for v in item[f"{modality}_grid_thw"].data)
+                (t, h, w), _ = known
                 kept = int(r.is_embed.sum()) if r.is_embed is not None else r.length
                 items.append((modality, r.offset, r.length, (t, h // merge, w // merge), kept))
         vision_start = self.info.get_hf_config().vision_start_token_id
@@ -196,7 +195,7 @@ class Qwen3ScriptModelMixin(QwenModelMixin, ScriptModelMixin):
 
         # one selection per frame (an image is one frame), batched by prune_items
         frames, frame_settings, owners = [], [], []
-        plans: list[tuple[int, int, list[int]] | None] = []
+        plans: list[tuple[int, int, int, list[int]] | None] = []
         for i, (emb, cfg, query) in enumerate(zip(rows, settings, queries, strict=True)):
             t, h, w = (int(v) for v in grids[i])
             h, w = h // merge, w // merge
@@ -230,17 +229,19 @@ class Qwen3ScriptModelMixin(QwenModelMixin, ScriptModelMixin):
                 out.append(rows[i])
                 continue
             t, h, w, counts = plan
+            dev = rows[i].device
             keep = []
             for f, k in enumerate(counts):
                 if k == 0:
                     continue
                 idx = per_frame[(i, f)]
-                idx = torch.arange(h * w) if idx is None else idx.cpu()
+                idx = torch.arange(h * w, device=dev) if idx is None else idx.to(dev)
                 keep.append(idx + f * h * w)
-            keep = torch.cat(keep) if keep else torch.zeros(0, dtype=torch.long)
+            keep = torch.cat(keep) if keep else torch.zeros(0, dtype=torch.long, device=dev)
+            gathered = rows[i].index_select(0, keep)
+            keep = keep.cpu()  # one copy per item (not per frame): the offsets are host ints
             within = keep % (h * w)
             offsets = torch.stack([torch.zeros_like(within), within // w, within % w], dim=1)
-            gathered = rows[i].index_select(0, keep.to(rows[i].device))
             out.append(encode_offsets(gathered, offsets))
             if os.environ.get(RECORD_ENV) == "1":
                 record(

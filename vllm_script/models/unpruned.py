@@ -19,7 +19,7 @@ logger = logging.getLogger("vllm_script")
 
 MROPE = (
     "its LLM uses M-RoPE (multi-axis) positions, so kept tokens must keep their original "
-    "positions: that needs an adapter of its own (vllm-script has Qwen2.5-VL's)"
+    "positions: that needs an adapter of its own (vllm-script has Qwen2.5-VL's and Qwen3-VL's)"
 )
 UNCHECKED = (
     "it is not in vllm-script's table of checked architectures (README, 'Architectures'); "
