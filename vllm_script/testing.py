@@ -167,7 +167,6 @@ def _write_llava_family(
     init_std: float = 0.2,
     grid_pinpoints: list | None = None,
 ) -> Path:
-    import torch
     from transformers import (
         AutoTokenizer,
         CLIPImageProcessor,
@@ -195,10 +194,8 @@ def _write_llava_family(
         "init_std": init_std,
         "grid_pinpoints": grid_pinpoints,
     }
-    stamp_file = path / "vllm_script_tiny.json"
-    if stamp_file.exists() and json.loads(stamp_file.read_text()) == stamp:
+    if _stamp_matches(path, stamp):
         return path
-    path.mkdir(parents=True, exist_ok=True)
 
     _write_tokenizer(path)
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -260,28 +257,21 @@ def _write_llava_family(
         initializer_range=init_std,
         **extra_config,
     )
-    config.dtype = dtype
-    config.architectures = [model_cls.__name__]
-    torch.manual_seed(seed)
-    model = model_cls(config).eval()
-    if arch == "llava_next":  # random, not zero: a zero newline is a degenerate token
-        with torch.no_grad():
-            model.model.image_newline.normal_(std=init_std)
-    _save_hub_layout(
-        model,
-        path,
-        dtype,
-        [
-            ("model.vision_tower.", "vision_tower.vision_model."),
-            ("model.language_model.", "language_model.model."),
-            ("model.multi_modal_projector.", "multi_modal_projector."),
-            ("model.image_newline", "image_newline"),
-            ("lm_head.", "language_model.lm_head."),
-        ],
+
+    def random_newline(model):  # random, not zero: a zero newline is a degenerate token
+        model.model.image_newline.normal_(std=init_std)
+
+    renames = [
+        ("model.vision_tower.", "vision_tower.vision_model."),
+        ("model.language_model.", "language_model.model."),
+        ("model.multi_modal_projector.", "multi_modal_projector."),
+        ("model.image_newline", "image_newline"),
+        ("lm_head.", "language_model.lm_head."),
+    ]
+    tweak = random_newline if arch == "llava_next" else None
+    return _build_and_save(
+        path, stamp, config, model_cls, seed=seed, dtype=dtype, renames=renames, tweak=tweak
     )
-    config.save_pretrained(path)
-    stamp_file.write_text(json.dumps(stamp))
-    return path
 
 
 QWEN_SPECIAL_TOKENS = [
@@ -328,7 +318,6 @@ def write_tiny_qwen2_5_vl(
     2x2 merge), so one image is 4 to 64 LLM tokens at the defaults; a video of T frames
     gives T/2 temporal patches of the same grid. Idempotent like `write_tiny_llava`.
     """
-    import torch
     from transformers import (
         AutoTokenizer,
         Qwen2_5_VLConfig,
@@ -349,10 +338,8 @@ def write_tiny_qwen2_5_vl(
         "dtype": dtype,
         "init_std": init_std,
     }
-    stamp_file = path / "vllm_script_tiny.json"
-    if stamp_file.exists() and json.loads(stamp_file.read_text()) == stamp:
+    if _stamp_matches(path, stamp):
         return path
-    path.mkdir(parents=True, exist_ok=True)
 
     _write_tokenizer(
         path,
@@ -414,14 +401,9 @@ def write_tiny_qwen2_5_vl(
         vision_start_token_id=ids("<|vision_start|>"),
         vision_end_token_id=ids("<|vision_end|>"),
     )
-    config.dtype = dtype
-    config.architectures = ["Qwen2_5_VLForConditionalGeneration"]
-    torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(config).eval()
-    _save_hub_layout(model, path, dtype, [])
-    config.save_pretrained(path)
-    stamp_file.write_text(json.dumps(stamp))
-    return path
+    return _build_and_save(
+        path, stamp, config, Qwen2_5_VLForConditionalGeneration, seed=seed, dtype=dtype
+    )
 
 
 def write_tiny_qwen3_vl(
@@ -452,7 +434,6 @@ def write_tiny_qwen3_vl(
     vision tower's `deepstack_layers` feed deepstack features to the first LLM layers.
     Idempotent like `write_tiny_llava`.
     """
-    import torch
     from transformers import (
         AutoTokenizer,
         Qwen2VLImageProcessor,
@@ -476,10 +457,8 @@ def write_tiny_qwen3_vl(
         "dtype": dtype,
         "init_std": init_std,
     }
-    stamp_file = path / "vllm_script_tiny.json"
-    if stamp_file.exists() and json.loads(stamp_file.read_text()) == stamp:
+    if _stamp_matches(path, stamp):
         return path
-    path.mkdir(parents=True, exist_ok=True)
 
     _write_tokenizer(
         path,
@@ -548,17 +527,12 @@ def write_tiny_qwen3_vl(
         vision_start_token_id=ids("<|vision_start|>"),
         vision_end_token_id=ids("<|vision_end|>"),
     )
-    config.dtype = dtype
-    config.architectures = [model_cls.__name__]
-    torch.manual_seed(seed)
-    model = model_cls(config).eval()
     # the hub stores fused experts as [E, hidden, 2I] / [E, I, hidden], transformers as
     # their transposes
     experts = (".mlp.experts.gate_up_proj", ".mlp.experts.down_proj") if num_experts else ()
-    _save_hub_layout(model, path, dtype, [], transposed=experts)
-    config.save_pretrained(path)
-    stamp_file.write_text(json.dumps(stamp))
-    return path
+    return _build_and_save(
+        path, stamp, config, model_cls, seed=seed, dtype=dtype, transposed=experts
+    )
 
 
 def random_video(seed: int, frames: int = 4, width: int = 112, height: int = 112):
@@ -630,13 +604,45 @@ def _chatml(image_tag: str) -> str:
     return "{% set image_tag = '" + image_tag + "' %}" + CHATML_TEMPLATE
 
 
+STAMP_FILE = "vllm_script_tiny.json"  # what a tiny checkpoint was written with
+
+
 def _stamp_matches(path: Path, stamp: dict) -> bool:
     """True if `path` holds a checkpoint written with `stamp` (else prepare the directory)."""
-    stamp_file = path / "vllm_script_tiny.json"
+    stamp_file = path / STAMP_FILE
     if stamp_file.exists() and json.loads(stamp_file.read_text()) == stamp:
         return True
     path.mkdir(parents=True, exist_ok=True)
     return False
+
+
+def _build_and_save(
+    path: Path,
+    stamp: dict,
+    config,
+    model_cls,
+    *,
+    seed: int,
+    dtype: str,
+    renames: list[tuple[str, str]] = (),
+    transposed: tuple = (),
+    tweak=None,
+) -> Path:
+    """The writers' common tail: build `model_cls(config)` from `seed` (then `tweak(model)`
+    without grad), save its weights in the hub layout, the config and the stamp."""
+    import torch
+
+    config.dtype = dtype
+    config.architectures = [model_cls.__name__]
+    torch.manual_seed(seed)
+    model = model_cls(config).eval()
+    if tweak is not None:
+        with torch.no_grad():
+            tweak(model)
+    _save_hub_layout(model, path, dtype, list(renames), transposed=transposed)
+    config.save_pretrained(path)
+    (path / STAMP_FILE).write_text(json.dumps(stamp))
+    return path
 
 
 def _fill_zero_matrices(model, std: float) -> None:
@@ -694,7 +700,6 @@ def write_tiny_gemma3(
     decoder alternates a sliding-window and a full-attention layer. Idempotent like
     `write_tiny_llava`.
     """
-    import torch
     from transformers import (
         AutoTokenizer,
         Gemma3Config,
@@ -778,21 +783,19 @@ def write_tiny_gemma3(
         image_token_index=ids(soft),
         initializer_range=init_std,
     )
-    config.dtype = dtype
-    config.architectures = ["Gemma3ForConditionalGeneration"]
-    torch.manual_seed(seed)
-    model = Gemma3ForConditionalGeneration(config).eval()
-    _fill_zero_matrices(model, init_std)
-    with torch.no_grad():
+
+    def tweak(model):
+        _fill_zero_matrices(model, init_std)
         # Gemma scales input embeddings by sqrt(hidden) and ties the LM head to them:
         # with embeddings as large as the other weights, a random decoder keeps repeating
         # its last input token whatever the image
         model.get_input_embeddings().weight.mul_(0.1)
+
     renames = [("model.vision_tower.", "model.vision_tower.vision_model.")]
-    _save_hub_layout(model, path, dtype, renames)
-    config.save_pretrained(path)
-    (path / "vllm_script_tiny.json").write_text(json.dumps(stamp))
-    return path
+    return _build_and_save(
+        path, stamp, config, Gemma3ForConditionalGeneration, seed=seed, dtype=dtype,
+        renames=renames, tweak=tweak,
+    )  # fmt: skip
 
 
 def write_tiny_internvl(
@@ -818,7 +821,6 @@ def write_tiny_internvl(
     after the pixel shuffle (64 at the defaults, 256 in the released models). The image
     enters the prompt as `<img>` + tiles x 64 `<IMG_CONTEXT>` + `</img>`: one run.
     """
-    import torch
     from transformers import (
         AutoTokenizer,
         GotOcr2ImageProcessor,
@@ -885,14 +887,9 @@ def write_tiny_internvl(
         vision_feature_select_strategy="default",
         tie_word_embeddings=False,
     )
-    config.dtype = dtype
-    config.architectures = ["InternVLForConditionalGeneration"]
-    torch.manual_seed(seed)
-    model = InternVLForConditionalGeneration(config).eval()
-    _save_hub_layout(model, path, dtype, [])
-    config.save_pretrained(path)
-    (path / "vllm_script_tiny.json").write_text(json.dumps(stamp))
-    return path
+    return _build_and_save(
+        path, stamp, config, InternVLForConditionalGeneration, seed=seed, dtype=dtype
+    )
 
 
 def write_tiny_llava_onevision(
@@ -919,7 +916,6 @@ def write_tiny_llava_onevision(
     6x6 crops, tiles pooled down past 9 crops' worth by `anyres_max_9`). The image enters
     the prompt as N `<image>` tokens: one run.
     """
-    import torch
     from transformers import (
         AutoTokenizer,
         LlavaOnevisionConfig,
@@ -986,17 +982,15 @@ def write_tiny_llava_onevision(
         vision_feature_layer=-1,
         tie_word_embeddings=False,
     )
-    config.dtype = dtype
-    config.architectures = ["LlavaOnevisionForConditionalGeneration"]
-    torch.manual_seed(seed)
-    model = LlavaOnevisionForConditionalGeneration(config).eval()
-    with torch.no_grad():  # random, not zero: a zero newline is a degenerate token
+
+    def random_newline(model):  # random, not zero: a zero newline is a degenerate token
         model.model.image_newline.normal_(std=init_std)
+
     renames = [("model.vision_tower.", "model.vision_tower.vision_model.")]
-    _save_hub_layout(model, path, dtype, renames)
-    config.save_pretrained(path)
-    (path / "vllm_script_tiny.json").write_text(json.dumps(stamp))
-    return path
+    return _build_and_save(
+        path, stamp, config, LlavaOnevisionForConditionalGeneration, seed=seed, dtype=dtype,
+        renames=renames, tweak=random_newline,
+    )  # fmt: skip
 
 
 def write_tiny_qwen2_vl(
@@ -1004,7 +998,9 @@ def write_tiny_qwen2_vl(
     *,
     seed: int = 0,
     vision_hidden: int = 64,
+    vision_layers: int = 2,
     text_hidden: int = 128,
+    text_layers: int = 2,
     head_dim: int = 64,
     dtype: str = "bfloat16",
     init_std: float = 0.2,
@@ -1012,7 +1008,6 @@ def write_tiny_qwen2_vl(
     """Write a random-weight Qwen2-VL (`Qwen2VLForConditionalGeneration`) checkpoint: an
     architecture vllm-script does not prune (M-RoPE without an adapter), for the tests of
     what the plugin says about such a model. Images as `write_tiny_qwen2_5_vl`'s."""
-    import torch
     from transformers import (
         AutoTokenizer,
         Qwen2VLConfig,
@@ -1027,7 +1022,7 @@ def write_tiny_qwen2_vl(
         "format": TINY_FORMAT,
         "arch": "qwen2_vl",
         "seed": seed,
-        "dims": [vision_hidden, text_hidden, head_dim],
+        "dims": [vision_hidden, vision_layers, text_hidden, text_layers, head_dim],
         "dtype": dtype,
         "init_std": init_std,
     }
@@ -1049,7 +1044,7 @@ def write_tiny_qwen2_vl(
         chat_template=QWEN_CHAT_TEMPLATE,
     ).save_pretrained(path)
     ids = tokenizer.convert_tokens_to_ids
-    text = _qwen2_text_config(tokenizer, text_hidden, 2, head_dim, init_std)
+    text = _qwen2_text_config(tokenizer, text_hidden, text_layers, head_dim, init_std)
     text["rope_parameters"] = {
         "rope_type": "default",
         "rope_theta": 1e6,
@@ -1057,7 +1052,7 @@ def write_tiny_qwen2_vl(
     }
     config = Qwen2VLConfig(
         vision_config={
-            "depth": 2,
+            "depth": vision_layers,
             "embed_dim": vision_hidden,
             "hidden_size": text_hidden,
             "mlp_ratio": 2,
@@ -1070,11 +1065,6 @@ def write_tiny_qwen2_vl(
         vision_start_token_id=ids("<|vision_start|>"),
         vision_end_token_id=ids("<|vision_end|>"),
     )
-    config.dtype = dtype
-    config.architectures = ["Qwen2VLForConditionalGeneration"]
-    torch.manual_seed(seed)
-    model = Qwen2VLForConditionalGeneration(config).eval()
-    _save_hub_layout(model, path, dtype, [])
-    config.save_pretrained(path)
-    (path / "vllm_script_tiny.json").write_text(json.dumps(stamp))
-    return path
+    return _build_and_save(
+        path, stamp, config, Qwen2VLForConditionalGeneration, seed=seed, dtype=dtype
+    )
