@@ -195,7 +195,7 @@ def test_chunked_and_unconfigured_match_unchunked_and_vanilla(llm, tiny_qwen3):
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_every_llm_space_method_on_images_and_video(llm, method):
+def test_every_llm_space_method_on_images_and_video(llm, tiny_qwen3, method):
     kw = {"script": {"method": method, "budget": 6}}
     requests = [req([IMAGES[2]], kw=OFF), req([IMAGES[2]], kw=kw)]
     requests += [req(videos=[VIDEOS[1]], kw=OFF), req(videos=[VIDEOS[1]], kw=kw)]
@@ -203,12 +203,13 @@ def test_every_llm_space_method_on_images_and_video(llm, method):
     image_off, image_on, video_off, video_on = run_requests(llm, requests)
     kept = [r for r in records(llm, before) if r.get("kind") == "kept"]
     assert [len(r["keep"]) for r in kept] == [6, 6]
-    assert (
-        image_on["prompt_len"]
-        == image_off["prompt_len"] - (kept[0]["grid"][1] * kept[0]["grid"][2]) + 6
-    )
-    t, h, w = kept[1]["grid"]
-    assert video_on["prompt_len"] == video_off["prompt_len"] - t * h * w + 6
+    # N from the HF processor's grid (2x2 patches per token), not from the plugin's record
+    for off, on, media in (
+        (image_off, image_on, {"images": [IMAGES[2]]}),
+        (video_off, video_on, {"videos": [VIDEOS[1]]}),
+    ):
+        t, h, w = hf_grid(tiny_qwen3, media)
+        assert on["prompt_len"] == off["prompt_len"] - t * h * w // 4 + 6
 
 
 def test_refused_requests_fail_alone(llm):

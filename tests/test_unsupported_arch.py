@@ -42,7 +42,6 @@ def test_supported_and_text_only_architectures_are_not_redirected(registry):
     for arch, target in plugin.ARCHITECTURES.items():
         entry = registry.models[arch]
         assert f"{entry.module_name}:{entry.class_name}" == target
-        assert arch not in plugin.UNPRUNED
     assert registry.models["LlamaForCausalLM"].module_name.startswith("vllm.")
 
 
@@ -80,9 +79,7 @@ def test_announced_once_per_architecture(monkeypatch, configured, level):
             unpruned.announce("SomeArch", "a reason", config)
     finally:
         logger.removeHandler(lines)
-    assert [(r.levelname, r.getMessage()) for r in lines.records] == [
-        (level, lines.records[0].getMessage())
-    ]
+    assert [r.levelname for r in lines.records] == [level]  # once, at this level
     message = lines.records[0].getMessage()
     assert "pruning is off for SomeArch" in message and message.endswith("a reason")
     assert ("'script' setting is ignored" in message) == configured
