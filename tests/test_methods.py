@@ -100,6 +100,20 @@ def test_gsp_select_keeps_exactly_k_in_order(n, k):
         assert row.tolist() == sorted(set(row.tolist()))
 
 
+def test_gsp_rounds_that_remove_every_src_token_keep_the_dst_tokens():
+    # 576 -> 64: rounds 1-3 remove all src tokens (288 of 512 to go, 144 of 224, 72 of
+    # 80), whatever the features, leaving tokens 7, 15, ..., 575; round 4 removes 8 of
+    # those 72. Duplicating the round-4 src tokens 8 * 2i + 7 (i < 8) of the dst token
+    # after them makes exactly those 8 the redundant ones (at D = 1024 random tokens
+    # have cosines near 0, below tau).
+    features = torch.randn(1, 576, 1024, generator=torch.Generator().manual_seed(3))
+    dup = [16 * i + 7 for i in range(8)]
+    for i in dup:
+        features[0, i] = features[0, i + 8]
+    keep = gsp_select(features, 64).keep[0].tolist()
+    assert keep == [t for t in range(7, 576, 8) if t not in dup]
+
+
 @pytest.mark.parametrize(
     ("n", "k"), [(1, 1), (7, 1), (7, 7), (63, 7), (577, 64)], ids=lambda v: str(v)
 )
