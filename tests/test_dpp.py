@@ -194,3 +194,67 @@ def test_compiled_path_can_be_turned_off(monkeypatch):
     assert torch.equal(
         rdpp.dpp_greedy_map(f, None, 9), rdpp.dpp_greedy_map_materialized(f, None, 9)
     )
+
+
+@pytest.fixture
+def torch_threads():
+    """Set torch's thread count for the test (the compiled DPP's threads follow it outside
+    a selection block); restored after."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("threads", [1, 2], ids=["1thread", "2threads"])
+@pytest.mark.parametrize(
+    ("n", "d", "k"), [(577, 64, 64), (300, 1000, 150), (2001, 96, 321)], ids=lambda v: str(v)
+)
+def test_compiled_path_threads_make_the_same_choices(n, d, k, threads, torch_threads):
+    """The refreshes on numba's threads (N K D over the large-op threshold here): the
+    loop's picks whatever the thread count."""
+    pytest.importorskip("numba")
+    import os
+
+    from vllm_script.reference import _numba_loops
+
+    f, rel, cand = _awkward(1, n, d, k, seed=n + d + threads)
+    torch_threads(threads)
+    got = rdpp.dpp_greedy_map_compiled(f, rel, k, candidates=cand)
+    assert torch.equal(got, rdpp.dpp_greedy_map_materialized(f, rel, k, candidates=cand))
+    if threads > 1:
+        assert _numba_loops._parallel_pid == [os.getpid()]
+
+
+def test_compiled_path_runs_in_a_process_forked_after_it_ran_threaded(torch_threads):
+    """vLLM forks its engine: a child of a process that ran the threaded refresh (GNU
+    OpenMP, not fork-safe: numba aborts such a child) selects serially, same picks."""
+    pytest.importorskip("numba")
+    import os
+    import pickle
+
+    from vllm_script.reference import dpp_cpu
+
+    f, rel, cand = _awkward(1, 577, 64, 64, seed=5)
+    torch_threads(2)
+    want = rdpp.dpp_greedy_map_compiled(f, rel, 64, candidates=cand)
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report the picks or the error, never return into pytest
+        os.close(read_end)
+        try:
+            # torch's own GNU OpenMP pool is not fork-safe either (its ops hang in a child
+            # of a parent that used it): torch on one thread; the DPP still asks for two
+            torch.set_num_threads(1)
+            dpp_cpu.large_op_threads = lambda macs: 2
+            got = rdpp.dpp_greedy_map_compiled(f, rel, 64, candidates=cand).tolist()
+            os.write(write_end, pickle.dumps(got))
+        except BaseException as exc:  # noqa: BLE001 - reported to the parent
+            os.write(write_end, pickle.dumps(repr(exc)))
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        data = pipe.read()
+    _, status = os.waitpid(pid, 0)
+    assert status == 0 and data, f"the forked child died (wait status {status})"
+    assert pickle.loads(data) == want.tolist()

