@@ -27,7 +27,6 @@ REFRESH_BATCH = 32
 # scheduling than they save (a guess: measured on 2 cores only)
 REFRESH_MAX_THREADS = 8
 _parallel_pid: list[int] = []  # the process that first ran the parallel refresh
-_serial_layers = ("workqueue",)
 
 
 # reassociation lets LLVM vectorise the sum (13x faster than the sequential loop here);
@@ -112,7 +111,7 @@ def lazy_greedy_threads(threads: int, *args) -> None:
     module docstring)."""
     threads = max(1, min(threads, numba.config.NUMBA_NUM_THREADS, REFRESH_MAX_THREADS))
     if _parallel_pid and (
-        _parallel_pid[0] != os.getpid() or numba.threading_layer() in _serial_layers
+        _parallel_pid[0] != os.getpid() or numba.threading_layer() == "workqueue"
     ):
         threads = 1
     if threads == 1:
@@ -137,8 +136,8 @@ def lazy_greedy(feats, w, diag, fill, avail, k, gain_eps, tie_rtol, picks, refre
     A max-heap holds every eligible token keyed by its score (gain while above eps,
     else its fill score); a stale key is an upper bound of the token's score. Each
     step pops stale tokens and refreshes them (up to `batch` at once, with `refresh`)
-    until the top is up to date (the best score), then pops the whole tie window (refreshing stale
-    entries on the way) and picks its lowest index.
+    until the top is up to date (the best score), then pops the whole tie window
+    (refreshing stale entries on the way) and picks its lowest index.
     """
     n = feats.shape[0]
     dmax = np.float32(1e-30)
@@ -154,7 +153,7 @@ def lazy_greedy(feats, w, diag, fill, avail, k, gain_eps, tie_rtol, picks, refre
     keys = np.empty(n, dtype=np.float32)
     idxs = np.empty(n, dtype=np.int64)
     window = np.empty(n, dtype=np.int64)
-    stale = np.empty(max(batch, 1), dtype=np.int64)
+    stale = np.empty(batch, dtype=np.int64)
     size = 0
     for i in range(n):
         if avail[i]:
