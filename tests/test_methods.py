@@ -189,3 +189,28 @@ def test_apply_selection_gathers_in_order_and_appends_extra():
     out = apply_selection(tokens, sel)
     assert out.tolist() == [[[2.0, 3.0], [8.0, 9.0], [-1.0, -1.0]]]
     assert sel.num_tokens == 3
+
+
+@pytest.mark.parametrize("tile", [16, 2048], ids=["tiles-16", "one-tile"])
+def test_cpu_bipartite_stats_by_hand_across_tiles(monkeypatch, tile):
+    """GSP's statistics on CPU, dst split into tiles of 16 (three, the last partial) or
+    one: src 0 equals dst 3 and dst 20 (different tiles), src 1 equals dst 5 and dst 9
+    (one tile); every other token lies in dims 2.. (cosine 0 to src 0 and 1). Ties go to
+    the lowest dst index; the rest of the rows keep the fp64 contract."""
+    from vllm_script.reference import bipartite as rbip
+    from vllm_script.reference import contract
+
+    monkeypatch.setattr(rbip, "CPU_DST_TILE", tile)
+    g = torch.Generator().manual_seed(5)
+    f = torch.zeros(1, 80, 8)
+    f[0, :, 2:] = torch.randn(80, 6, generator=g)
+    eye = torch.eye(8)
+    for token, axis in ((0, 0), (2 * 3 + 1, 0), (2 * 20 + 1, 0), (2, 1), (2 * 5 + 1, 1), (19, 1)):
+        f[0, token] = 3.0 * eye[axis]  # norm 3: the cosine still 1
+    stats = rbip.bipartite_stats(f, 0.2)
+    assert stats.best_dst[0, :2].tolist() == [3, 5]
+    assert stats.degree[0, :2].tolist() == [2, 2]
+    torch.testing.assert_close(stats.best_sim[0, :2], torch.ones(2))
+    torch.testing.assert_close(stats.edge_sum[0, :2], torch.full((2,), 2.0))
+    torch.testing.assert_close(stats.total_sum[0, :2], torch.full((2,), 2.0))
+    assert contract.bipartite_violations(f, 0.2, stats) == []

@@ -209,30 +209,49 @@ def lazy_greedy(feats, w, diag, fill, avail, k, gain_eps, tie_rtol, picks, refre
         root[t] = np.sqrt(gains[pick])
 
 
+# reassociation vectorises the row's sums (their order differs from a sequential sum, as a
+# kernel's does); each S_ij is still two rounded products, never fused into the sums
+@numba.njit(cache=True, fastmath={"reassoc"}, nogil=True)
+def _row_sums(dots_row, r_i, inv_dst, tau, sims):
+    deg = 0
+    esum = np.float32(0.0)
+    tsum = np.float32(0.0)
+    for j in range(dots_row.shape[0]):
+        s = (dots_row[j] * r_i) * inv_dst[j]
+        sims[j] = s
+        tsum += s
+        edge = s >= tau
+        deg += edge
+        esum += s if edge else np.float32(0.0)
+    return deg, esum, tsum
+
+
+# "nnan": a NaN similarity (a NaN feature) makes the best unspecified, never its index
+# out of range
+@numba.njit(cache=True, fastmath={"reassoc", "nnan"}, nogil=True)
+def _row_max(x):
+    m = np.float32(-np.inf)
+    for j in range(x.shape[0]):
+        m = max(m, x[j])
+    return m
+
+
 @numba.njit(cache=True, nogil=True)
 def bipartite_rows(dots, inv_src, inv_dst, tau, offset, degree, edge_sum, total_sum, best, arg):
     """One tile of dst columns: dots [M, T] fp32 (src . dst), inverse norms [M] / [T];
     folds S_ij = (dots_ij * r_i) * r_j into the per-src statistics [M] in place (degree
     over S >= tau, the sum of those edges, the sum of all, the best S and its first dst
-    index, `offset` + column). One pass over the tile, in column order."""
+    index, `offset` + column)."""
+    sims = np.empty(dots.shape[1], dtype=np.float32)
     for i in range(dots.shape[0]):
-        r_i = inv_src[i]
-        deg = 0
-        esum = np.float32(0.0)
-        tsum = np.float32(0.0)
-        b = best[i]
-        a = arg[i]
-        for j in range(dots.shape[1]):
-            s = (dots[i, j] * r_i) * inv_dst[j]
-            tsum += s
-            if s >= tau:
-                deg += 1
-                esum += s
-            if s > b:  # strict: ties keep the lowest dst index
-                b = s
-                a = offset + j
+        deg, esum, tsum = _row_sums(dots[i], inv_src[i], inv_dst, np.float32(tau), sims)
         degree[i] += deg
         edge_sum[i] += esum
         total_sum[i] += tsum
-        best[i] = b
-        arg[i] = a
+        m = _row_max(sims)
+        if m > best[i]:  # strict: an earlier tile keeps a tie (the lowest dst index)
+            best[i] = m
+            for j in range(sims.shape[0]):
+                if sims[j] == m:
+                    arg[i] = offset + j
+                    break
