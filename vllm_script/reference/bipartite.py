@@ -14,8 +14,8 @@ from vllm_script.reference import dpp_cpu
 
 # dst columns per tile: bounds the live similarity block to B * N/2 * TILE floats.
 DST_TILE = 1024
-# the compiled CPU pass holds one image's block, N/2 * TILE floats: one GEMM up to
-# LLaVA-NeXT's 2928 tokens (1464 x 1464, 8.6 MB; two tiles cost ~2 ms more there)
+# the compiled CPU pass holds one image's block, N/2 * TILE floats: one GEMM (no skinny
+# remainder tile) up to 4096 tokens, LLaVA-NeXT's 2928 included (1464 x 1464, 8.6 MB)
 CPU_DST_TILE = 2048
 
 
@@ -34,8 +34,8 @@ def bipartite_stats(features: torch.Tensor, tau: float) -> BipartiteStats:
 
     src = tokens 0, 2, 4, ...; dst = tokens 1, 3, 5, ...; `S` is the cosine similarity,
     computed as the kernel does: `S_ij = ((f_i . f_j) * r_i) * r_j` with fp32 dots and
-    `r = 1 / max(||f||, 1e-12)`. Beyond one tile no [N/2, N/2] matrix is materialised:
-    dst is processed in tiles of `DST_TILE` columns. On CPU tensors (with numba) tiles are
+    `r = 1 / max(||f||, 1e-12)`. dst is processed in tiles of `DST_TILE` columns, so no
+    [N/2, N/2] matrix larger than one tile is materialised. On CPU tensors (with numba) tiles are
     `CPU_DST_TILE` wide and one compiled pass per tile folds the dots into the
     statistics; elsewhere tensor ops do.
     """
