@@ -258,3 +258,45 @@ def test_compiled_path_runs_in_a_process_forked_after_it_ran_threaded(torch_thre
     _, status = os.waitpid(pid, 0)
     assert status == 0 and data, f"the forked child died (wait status {status})"
     assert pickle.loads(data) == want.tolist()
+
+
+@pytest.mark.parametrize(
+    ("quality", "entry", "want"),
+    [
+        # no dot given: orthonormal tokens, every gain 1, ties to the lowest index
+        ([1, 1, 1, 1, 1], None, [0, 1, 2]),
+        # "f_0 . f_1 = 1" (row 0, column 0): token 1 (odd) against pick 0 has gain 0
+        ([1, 1, 1, 1, 1], (0, 0), [0, 2, 3]),
+        # "f_2 . f_1 = 1" (row 1, column 0): token 2 (even) against pick 1 has gain 0
+        ([1, 1, 1, 1, 1], (1, 0), [0, 1, 3]),
+        # the same dot read the other way: picks 0, 2 first; token 1 (odd) against pick 2
+        # has gain 0.81 - (0.9 * 1)^2 = 0 (the same fp32 product), tokens 3, 4 keep 0.81
+        ([1, 0.9, 1, 0.9, 0.9], (1, 0), [0, 2, 3]),
+    ],
+    ids=["none", "odd-token-row", "even-token-row", "odd-token-column"],
+)
+def test_compiled_path_reads_the_shared_dots(quality, entry, want):
+    """`cross_dots` (even x odd dots, Script's shared Gram) replace the dots of those pairs:
+    five orthonormal tokens, all dots 0, except the one entry the test claims is 1."""
+    pytest.importorskip("numba")
+    from vllm_script.reference import dpp_cpu
+
+    f, q, eligible = torch.eye(5), torch.tensor(quality), torch.ones(5, dtype=torch.bool)
+    cross = torch.zeros(3, 2)  # [ceil(5/2), 5 // 2]: the true dots
+    assert dpp_cpu.greedy_one(f, q, eligible, 3, cross_dots=cross).tolist() == (
+        dpp_cpu.greedy_one(f, q, eligible, 3).tolist()
+    )
+    if entry is not None:
+        cross[entry] = 1.0
+    assert dpp_cpu.greedy_one(f, q, eligible, 3, cross_dots=cross).tolist() == want
+
+
+@pytest.mark.parametrize(
+    "cross", [torch.zeros(2, 2), torch.zeros(3, 3), torch.zeros(3, 2, dtype=torch.float64)]
+)
+def test_compiled_path_refuses_shared_dots_of_another_shape(cross):
+    pytest.importorskip("numba")
+    from vllm_script.reference import dpp_cpu
+
+    with pytest.raises(ValueError, match=r"cross_dots must be float32 \[3, 2\] for N=5"):
+        dpp_cpu.greedy_one(torch.eye(5), torch.ones(5), torch.ones(5, dtype=bool), 2, cross)

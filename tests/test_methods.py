@@ -214,3 +214,58 @@ def test_cpu_bipartite_stats_by_hand_across_tiles(monkeypatch, tile):
     torch.testing.assert_close(stats.edge_sum[0, :2], torch.full((2,), 2.0))
     torch.testing.assert_close(stats.total_sum[0, :2], torch.full((2,), 2.0))
     assert contract.bipartite_violations(f, 0.2, stats) == []
+
+
+@pytest.mark.parametrize("tile", [16, 2048], ids=["too-wide-to-share", "shared"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("with_relevance", [True, False], ids=["relevance", "no-relevance"])
+@pytest.mark.parametrize(("n", "k"), [(2, 1), (101, 17), (150, 150)], ids=lambda v: str(v))
+def test_script_cpu_shared_gram_equals_separate_steps(
+    monkeypatch, tile, dtype, with_relevance, n, k
+):
+    """On the compiled CPU path Script hands GSP's GEMM dots to the DPP: the same picks, in
+    the same order, as GSP then QCSP called separately (random features: no gains within
+    fp32 rounding of a tie). Above the tile width the DPP gets no dots."""
+    pytest.importorskip("numba")
+    from vllm_script.reference import bipartite as rbip
+    from vllm_script.reference import dpp_cpu
+
+    monkeypatch.setattr(rbip, "CPU_DST_TILE", tile)
+    given = []
+    greedy_one = dpp_cpu.greedy_one
+
+    def spy(features, quality, eligible, k, cross_dots=None):
+        given.append(cross_dots)
+        return greedy_one(features, quality, eligible, k, cross_dots)
+
+    monkeypatch.setattr(dpp_cpu, "greedy_one", spy)
+    g = torch.Generator().manual_seed(n + k)
+    base = torch.randn(2, n // 3 + 1, 40, generator=g)  # redundant: GSP removes tokens
+    features = base.repeat_interleave(3, 1)[:, :n] + 0.3 * torch.randn(2, n, 40, generator=g)
+    features = features.to(dtype)
+    relevance = torch.rand(2, n, generator=g) if with_relevance else None
+    shared = script_select(features, relevance, k)
+    assert len(given) == 2 and all((d is not None) == (n // 2 <= tile) for d in given)
+    survivors = gsp_candidates(features, k, tau=0.2, gamma=1.0, ratio=0.5)
+    separate = qcsp_select(features, relevance, k, candidates=survivors)
+    assert torch.equal(shared.info["order"], separate.info["order"])
+    assert torch.equal(shared.keep, separate.keep)
+    assert torch.equal(shared.info["gsp_removed"], (~survivors).sum(dim=1))
+    if n > 100 and k < n:
+        assert (shared.info["gsp_removed"] > 0).all(), "redundant input: GSP should act"
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 64], ids=lambda v: f"N{v}")
+def test_cpu_stats_and_dots_hands_back_the_gemm(n):
+    """The statistics are `bipartite_stats`' own; the dots are src . dst (fp64 oracle)."""
+    pytest.importorskip("numba")
+    from vllm_script.reference import bipartite as rbip
+
+    f = torch.randn(2, n, 24, generator=torch.Generator().manual_seed(n)).bfloat16()
+    stats, dots = rbip.cpu_stats_and_dots(f, 0.2)
+    for got, want in zip(stats, rbip.bipartite_stats(f, 0.2), strict=True):
+        assert torch.equal(got, want)
+    exact = f.double()[:, 0::2] @ f.double()[:, 1::2].transpose(1, 2)
+    assert dots.dtype == torch.float32 and dots.shape == ((2, (n + 1) // 2, n // 2))
+    torch.testing.assert_close(dots.double(), exact, rtol=1e-5, atol=1e-4)
+    assert rbip.cpu_stats_and_dots(f, 0.2, keep_dots=False)[1] is None

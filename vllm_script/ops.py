@@ -21,6 +21,7 @@ from vllm_script.reference import BipartiteStats
 from vllm_script.reference import bipartite as _ref_bipartite
 from vllm_script.reference import divprune as _ref_divprune
 from vllm_script.reference import dpp as _ref_dpp
+from vllm_script.reference import dpp_cpu as _ref_dpp_cpu
 
 logger = logging.getLogger("vllm_script")
 
@@ -61,6 +62,16 @@ def _resolve_backend(backend: str, tensor: torch.Tensor) -> str:
     if backend == "auto":
         return "triton" if tensor.is_cuda else "torch"
     return backend
+
+
+def runs_compiled_cpu(features: torch.Tensor, backend: Backend = "auto") -> bool:
+    """Whether the selection primitives run the numba-compiled CPU loops on `features`
+    (CPU tensors, the torch backend, numba available)."""
+    return (
+        features.device.type == "cpu"
+        and _resolve_backend(backend, features) == "torch"
+        and _ref_dpp_cpu.available()
+    )
 
 
 def runtime_versions() -> str:

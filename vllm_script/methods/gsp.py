@@ -6,22 +6,24 @@ import torch
 
 from vllm_script import ops
 from vllm_script.methods.base import Selection, gather_rows
+from vllm_script.reference import BipartiteStats
 
 # below this degree the code blends in the mean similarity to all dst tokens
 LOW_DEGREE = 4
 
 
 def gsp_scores(
-    features: torch.Tensor, tau: float, gamma: float
+    features: torch.Tensor, tau: float, gamma: float, stats: BipartiteStats | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """[B, N, D] -> (scores, degree), each [B, ceil(N/2)]: redundancy of each src token.
 
     `r_i = d_i * exp(gamma * (mu_i - tau))` with `d_i` the number of dst tokens (odd
     index) whose cosine to i is >= tau and `mu_i` their mean cosine; for `d_i < 4` the
     authors' code blends `r_i = 0.5 r_i + 0.5 mean_j S_ij` (the paper's formula is cut
-    off in every copy; this is the released code's form).
+    off in every copy; this is the released code's form). `stats`: the features'
+    bipartite statistics at `tau`, when the caller has them already.
     """
-    stats = ops.bipartite_stats(features, tau)
+    stats = ops.bipartite_stats(features, tau) if stats is None else stats
     degree = stats.degree.float()
     n_dst = features.shape[1] // 2
     mean_edge = torch.where(degree > 0, stats.edge_sum / degree.clamp_min(1), 0.0)
@@ -64,16 +66,22 @@ def gsp_select(
 
 
 def gsp_candidates(
-    features: torch.Tensor, k: int, *, tau: float, gamma: float, ratio: float
+    features: torch.Tensor,
+    k: int,
+    *,
+    tau: float,
+    gamma: float,
+    ratio: float,
+    stats: BipartiteStats | None = None,
 ) -> torch.Tensor:
     """[B, N, D], k -> bool [B, N]: tokens that survive one GSP pass (Script's first step).
 
     Removes, per image, the `min(N - k, floor(ratio * ceil(N/2)), #src with an edge)` most
     redundant src tokens: at least k tokens always survive, and a src token with no edge
-    >= tau (nothing similar to it) is never removed.
+    >= tau (nothing similar to it) is never removed. `stats`: as in `gsp_scores`.
     """
     bsz, n, _ = features.shape
-    scores, degree = gsp_scores(features, tau, gamma)
+    scores, degree = gsp_scores(features, tau, gamma, stats)
     n_src = scores.shape[1]
     has_edge = degree > 0
     limit = min(n - k, int(ratio * n_src))

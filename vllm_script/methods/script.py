@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import torch
 
+from vllm_script import ops
 from vllm_script.methods.base import Selection, check_reference
 from vllm_script.methods.gsp import gsp_candidates
-from vllm_script.methods.qcsp import qcsp_select
+from vllm_script.methods.qcsp import dpp_quality, qcsp_select
 from vllm_script.methods.script_code import script_code_select
+from vllm_script.reference import bipartite, dpp
 
 
 def script_select(
@@ -35,9 +37,34 @@ def script_select(
     """
     if check_reference(reference) == "code":
         return script_code_select(features, relevance, k)
+    if ops.runs_compiled_cpu(features) and features.shape[0]:
+        return _shared_gram_cpu(features, relevance, k, tau, gamma, theta, gsp_ratio)
     survivors = gsp_candidates(features, k, tau=tau, gamma=gamma, ratio=gsp_ratio)
     selection = qcsp_select(
         features, relevance, k, theta=theta, candidates=survivors, check_candidates=False
     )
     selection.info["gsp_removed"] = (~survivors).sum(dim=1)
     return selection
+
+
+def _shared_gram_cpu(features, relevance, k, tau, gamma, theta, gsp_ratio) -> Selection:
+    """`script_select` on the compiled CPU path, one image at a time: the DPP reads the
+    dots of GSP's GEMM (every even x odd pair) instead of recomputing them, so it
+    computes only the dots of same-parity pairs. Same rule; the dots are the same fp32
+    values summed in BLAS's order, so picks can differ from separate GSP and QCSP calls
+    only at gains within fp32 rounding of a tie."""
+    orders, removed = [], []
+    for b in range(features.shape[0]):
+        image = features[b : b + 1]
+        stats, dots = bipartite.cpu_stats_and_dots(image, tau)
+        survivors = gsp_candidates(image, k, tau=tau, gamma=gamma, ratio=gsp_ratio, stats=stats)
+        quality = dpp_quality(None if relevance is None else relevance[b : b + 1], theta)
+        orders.append(
+            dpp.dpp_greedy_map_compiled(image, quality, k, candidates=survivors, cross_dots=dots)
+        )
+        removed.append((~survivors).sum(dim=1))
+    order = torch.cat(orders)
+    return Selection(
+        keep=order.sort(dim=1).values,
+        info={"order": order, "gsp_removed": torch.cat(removed)},
+    )

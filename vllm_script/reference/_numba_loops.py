@@ -79,13 +79,26 @@ def _pop(keys, idxs, size):
 
 
 @numba.njit(cache=True, nogil=True)
-def _refresh_token(i, feats, w, chol, root, picks, gains, seen, t):
-    """Bring token i's Cholesky column and gain up to pick t - 1 (writes only its row)."""
+def _refresh_token(i, feats, w, chol, root, picks, gains, seen, t, cross):
+    """Bring token i's Cholesky column and gain up to pick t - 1 (writes only its row).
+
+    `cross` [ceil(N/2), N/2] (or 0 x 0: none) holds f_i . f_j for every even i and odd j,
+    computed by GSP's GEMM: a pick of the other parity than i reads its dot there.
+    """
     g = gains[i]
+    shared = cross.shape[0] > 0
+    if shared:
+        # the shared dots first, parked in C[i, s] (written below anyway): these loads do
+        # not depend on each other, so their cache misses overlap
+        for s in range(seen[i], t):
+            j = picks[s]
+            if (i ^ j) & 1:
+                chol[i, s] = cross[j >> 1, i >> 1] if i & 1 else cross[i >> 1, j >> 1]
     for s in range(seen[i], t):
         j = picks[s]
         acc = _dot(chol[j, :s], chol[i, :s])
-        e = ((_dot(feats[j], feats[i]) * w[i]) * w[j] - acc) / root[s]
+        dot = chol[i, s] if shared and (i ^ j) & 1 else _dot(feats[j], feats[i])
+        e = ((dot * w[i]) * w[j] - acc) / root[s]
         chol[i, s] = e
         g -= e * e
     gains[i] = g
@@ -94,15 +107,15 @@ def _refresh_token(i, feats, w, chol, root, picks, gains, seen, t):
 
 # two functions, not one compiled twice: numba's cache would hand one the other's code
 @numba.njit(cache=True, nogil=True)
-def _refresh_serial(tokens, feats, w, chol, root, picks, gains, seen, t):
+def _refresh_serial(tokens, feats, w, chol, root, picks, gains, seen, t, cross):
     for u in range(tokens.shape[0]):
-        _refresh_token(tokens[u], feats, w, chol, root, picks, gains, seen, t)
+        _refresh_token(tokens[u], feats, w, chol, root, picks, gains, seen, t, cross)
 
 
 @numba.njit(cache=True, nogil=True, parallel=True)
-def _refresh_parallel(tokens, feats, w, chol, root, picks, gains, seen, t):
+def _refresh_parallel(tokens, feats, w, chol, root, picks, gains, seen, t, cross):
     for u in numba.prange(tokens.shape[0]):
-        _refresh_token(tokens[u], feats, w, chol, root, picks, gains, seen, t)
+        _refresh_token(tokens[u], feats, w, chol, root, picks, gains, seen, t, cross)
 
 
 def lazy_greedy_threads(threads: int, *args) -> None:
@@ -127,11 +140,11 @@ def lazy_greedy_threads(threads: int, *args) -> None:
 
 
 @numba.njit(cache=True, nogil=True)
-def lazy_greedy(feats, w, diag, fill, avail, k, gain_eps, tie_rtol, picks, refresh, batch):
+def lazy_greedy(feats, w, diag, fill, avail, k, gain_eps, tie_rtol, picks, cross, refresh, batch):
     """One image: feats [N, D] fp32, w/diag/fill [N] fp32, avail [N] bool (modified),
-    k, ..., refresh (`_refresh_serial` or `_refresh_parallel`: a separate compilation
-    each, so the serial one never enters the threading layer), batch -> picks [k] int64
-    (written).
+    k, ..., cross (even x odd dots [ceil(N/2), N/2], or 0 x 0: none), refresh
+    (`_refresh_serial` or `_refresh_parallel`: a separate compilation each, so the serial
+    one never enters the threading layer), batch -> picks [k] int64 (written).
 
     A max-heap holds every eligible token keyed by its score (gain while above eps,
     else its fill score); a stale key is an upper bound of the token's score. Each
@@ -173,7 +186,7 @@ def lazy_greedy(feats, w, diag, fill, avail, k, gain_eps, tie_rtol, picks, refre
                     i, size = _pop(keys, idxs, size)
                     stale[m_stale] = i
                     m_stale += 1
-                refresh(stale[:m_stale], feats, w, chol, root, picks, gains, seen, t)
+                refresh(stale[:m_stale], feats, w, chol, root, picks, gains, seen, t, cross)
                 for u in range(m_stale):
                     i = stale[u]
                     size = _push(keys, idxs, size, gains[i] if gains[i] > eps else fill[i], i)

