@@ -53,25 +53,19 @@ def _capture(worker, out: str) -> dict:
     }
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--geometry", default="llava-next", choices=list(bs.GEOMETRIES))
-    ap.add_argument("--requests", type=int, default=3, help="images captured")
-    ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--out", default=None)
-    args = ap.parse_args()
+def capture_script_inputs(geometry: str, requests: int) -> tuple[list[dict], dict]:
+    """Serve `requests` Script requests on the serving benchmark's engine at `geometry`;
+    returns the selection inputs the worker saw (one dict per image: features, relevance,
+    k, settings) and the worker's threads. The engine is shut down before returning."""
     os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # collective_rpc with functions
     import torch
     from vllm import LLM, SamplingParams
 
-    from vllm_script.methods.gsp import gsp_candidates
-    from vllm_script.methods.qcsp import dpp_quality
-    from vllm_script.reference import dpp as rdpp
     from vllm_script.testing import write_tiny_llava, write_tiny_llava_next
 
-    side, budgets, max_len = bs.GEOMETRIES[args.geometry]
-    model_dir = Path(tempfile.gettempdir()) / f"vllm-script-bench-{args.geometry}"
-    if args.geometry == "llava15":
+    side, budgets, max_len = bs.GEOMETRIES[geometry]
+    model_dir = Path(tempfile.gettempdir()) / f"vllm-script-bench-{geometry}"
+    if geometry == "llava15":
         model_dir = write_tiny_llava(model_dir, **bs.MODEL)
     else:
         model_dir = write_tiny_llava_next(
@@ -89,14 +83,29 @@ def main() -> None:
         kv_cache_memory_bytes=2**30,
     )
     worker = llm.collective_rpc(_capture, args=(str(dump),))[0]
-    requests = bs._Requests(side=side)
+    maker = bs._Requests(side=side)
     one = SamplingParams(max_tokens=1, temperature=0)
-    for i in range(args.requests):
-        bs.closed_loop(llm, [requests.make(("script", budgets[-1]), question=i)], 1, one)
+    for i in range(requests):
+        bs.closed_loop(llm, [maker.make(("script", budgets[-1]), question=i)], 1, one)
     llm.llm_engine.engine_core.shutdown()  # its processes must not share the cores below
     del llm
-    captured = torch.load(dump)
     print(f"[bench] this process may run on cores {sorted(os.sched_getaffinity(0))}")
+    return torch.load(dump), worker
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--geometry", default="llava-next", choices=list(bs.GEOMETRIES))
+    ap.add_argument("--requests", type=int, default=3, help="images captured")
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    captured, worker = capture_script_inputs(args.geometry, args.requests)
+    import torch
+
+    from vllm_script.methods.gsp import gsp_candidates
+    from vllm_script.methods.qcsp import dpp_quality
+    from vllm_script.reference import dpp as rdpp
 
     machine, _ = bs.machine_label()
     rows = []

@@ -14,14 +14,16 @@ Ops and implementations (rows of the CSV):
 | bipartite | `triton`, `torch` | GSP's bipartite statistics |
 | divprune | `triton`, `torch` | DivPrune's pick order |
 | script | `auto` | Script's selection as the plugin runs it: relevance + GSP + DPP + gather |
+| script | `unshared` | the same, GSP and DPP apart (CPU: the DPP recomputes GSP's dots) |
 
 Geometries: llava15 (N=576, K=64), llavanext (N=2880, K=320), video (N=16384, K=2048);
 D = 4096 (LLaVA-7B) unless --dim; batch sizes --batches (images per call); random
 Gaussian features, relevance uniform in [0, 1). Columns: median / p20 / p80 seconds over
 --repeats timed runs after one warm-up, peak extra memory (CUDA allocator peak, CPU RSS
 growth), threads, and `agree`: leading picks equal to `torch-loop`'s on the same inputs
-and device (all of them on CPU; on a GPU up to the first near tie, see the README's
-numerics contract). Triton rows on CPU say `skipped` (the interpreter is not a speed).
+and device (script `unshared`: to `auto`'s; all of them on CPU, up to a gain within fp32
+rounding of a tie; on a GPU up to the first near tie, see the README's numerics
+contract). Triton rows on CPU say `skipped` (the interpreter is not a speed).
 
 Writes results/kernels_<device>.csv (replaced; --append to add rows).
 
@@ -155,7 +157,8 @@ def implementations(op: str, device: torch.device, tiles: list[str] = ()) -> lis
         return names + (["compiled"] if device.type == "cpu" else [])
     if op in ("bipartite", "divprune"):
         return ["torch", "triton"]
-    return ["auto"]
+    # the shared Gram exists on the compiled CPU path only
+    return ["auto"] + (["unshared"] if device.type == "cpu" else [])
 
 
 def _with_tiles(spec: str, feats, rel, k):
@@ -211,7 +214,8 @@ def make_call(op, impl, feats, rel, k, query):
         # selection, gather
         with selection_threads(feats.device):
             tokens = feats.float() if feats.device.type == "cpu" else feats
-            selection = script_select(tokens, llm_relevance(tokens, query), k)
+            relevance = llm_relevance(tokens, query)
+            selection = script_select(tokens, relevance, k, shared_gram=impl == "auto")
             return apply_selection(feats, selection), selection.info["order"]
 
     return script
@@ -317,8 +321,8 @@ def main(argv=None) -> Path:
                     row, picks = run_row(
                         args, op, impl, geo, n, k, args.dim, bsz, device, dev_name, ref
                     )
-                    if impl in ("torch-loop", "torch") and picks is not None:
-                        ref = picks
+                    if impl in ("torch-loop", "torch", "auto") and picks is not None:
+                        ref = picks  # script: `unshared` against `auto`
                     rows.append(row)
                     print_row(row)
                     if op == "dpp" and impl.startswith("triton") and row["status"] == "ok":

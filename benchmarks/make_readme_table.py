@@ -178,7 +178,7 @@ def render_kernels(path: Path) -> str:
     lines = [
         f"Device: {first['device']}; D = {first['d']}; {first.get('note') or 'no note'}. "
         f"Median and p20-p80 of each row's repeats after a warm-up; `agree`: leading picks "
-        f"equal to `torch-loop`'s (the reference). Generated from "
+        f"equal to `torch-loop`'s (the reference; script `unshared`: to `auto`'s). Generated from "
         f"`{_rel(path)}` {GENERATED_BY}.",
         "",
         "| op | N -> K | images | dtype | implementation | threads | median (ms) "

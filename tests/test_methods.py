@@ -251,6 +251,10 @@ def test_script_cpu_shared_gram_equals_separate_steps(
     assert torch.equal(shared.info["order"], separate.info["order"])
     assert torch.equal(shared.keep, separate.keep)
     assert torch.equal(shared.info["gsp_removed"], (~survivors).sum(dim=1))
+    given.clear()
+    unshared = script_select(features, relevance, k, shared_gram=False)
+    assert len(given) == 2 and all(d is None for d in given)
+    assert torch.equal(unshared.info["order"], separate.info["order"])
     if n > 100 and k < n:
         assert (shared.info["gsp_removed"] > 0).all(), "redundant input: GSP should act"
 

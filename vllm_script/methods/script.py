@@ -22,6 +22,7 @@ def script_select(
     theta: float = 0.5,
     gsp_ratio: float = 0.5,
     reference: str = "paper",
+    shared_gram: bool = True,
 ) -> Selection:
     """[B, N, D], [B, N] | None, k -> Selection of exactly k tokens.
 
@@ -34,10 +35,13 @@ def script_select(
     `reference="code"`: what the authors' released code keeps, see
     `vllm_script.methods.script_code` (GSP a no-op there; tau, gamma, theta, gsp_ratio
     unused).
+
+    On the compiled CPU path the DPP reads the dots GSP's GEMM computed (see
+    `_shared_gram_cpu`); `shared_gram=False` runs the two steps apart, for comparison.
     """
     if check_reference(reference) == "code":
         return script_code_select(features, relevance, k)
-    if ops.runs_compiled_cpu(features) and features.shape[0]:
+    if shared_gram and ops.runs_compiled_cpu(features) and features.shape[0]:
         return _shared_gram_cpu(features, relevance, k, tau, gamma, theta, gsp_ratio)
     survivors = gsp_candidates(features, k, tau=tau, gamma=gamma, ratio=gsp_ratio)
     selection = qcsp_select(
