@@ -273,3 +273,22 @@ def test_cpu_stats_and_dots_hands_back_the_gemm(n):
     assert dots.dtype == torch.float32 and dots.shape == ((2, (n + 1) // 2, n // 2))
     torch.testing.assert_close(dots.double(), exact, rtol=1e-5, atol=1e-4)
     assert rbip.cpu_stats_and_dots(f, 0.2, keep_dots=False)[1] is None
+
+
+@pytest.mark.parametrize(
+    ("k", "relevance_shape", "error"),
+    [
+        (0, (2, 9), r"k=0 must be in \[1, 9\]"),
+        (10, (2, 9), r"k=10 must be in \[1, 9\]"),
+        (3, (2, 8), r"relevance must have shape \[B, N\] = \[2, 9\], got \[2, 8\]"),
+        (3, (1, 9), r"relevance must have shape \[B, N\] = \[2, 9\], got \[1, 9\]"),
+    ],
+    ids=["k0", "k-over-N", "relevance-short", "relevance-one-image"],
+)
+@pytest.mark.parametrize("shared", [True, False], ids=["shared", "unshared"])
+def test_script_refuses_bad_inputs_before_the_compiled_loop(k, relevance_shape, error, shared):
+    """The shared path calls the compiled DPP directly, which indexes without bounds checks:
+    it refuses what the separate calls refuse, with the same message."""
+    features = torch.randn(2, 9, 8)
+    with pytest.raises(ValueError, match=error):
+        script_select(features, torch.rand(relevance_shape), k, shared_gram=shared)

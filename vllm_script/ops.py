@@ -147,6 +147,43 @@ def _check_per_token(
         raise ValueError(f"{name} is on {value.device}, features on {device}")
 
 
+def check_dpp_inputs(
+    features: torch.Tensor,
+    relevance: torch.Tensor | None,
+    k: int,
+    *,
+    candidates: torch.Tensor | None = None,
+    check_values: bool = True,
+) -> None:
+    """`dpp_greedy_map`'s input checks (raises TypeError / ValueError); for callers that
+    run a DPP path directly (Script's shared Gram on CPU)."""
+    bsz, n, _ = _check_features(features)
+    _check_per_token("relevance", relevance, (bsz, n), features.device)
+    _check_per_token("candidates", candidates, (bsz, n), features.device)
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise TypeError(f"k must be an int, got {type(k).__name__}")
+    if relevance is not None:
+        if not relevance.is_floating_point():
+            raise ValueError(f"relevance must be a float tensor, got dtype {relevance.dtype}")
+        if check_values and (not torch.isfinite(relevance).all() or (relevance < 0).any()):
+            raise ValueError("relevance must be finite and non-negative")
+    if candidates is not None and candidates.dtype != torch.bool:
+        raise ValueError(f"candidates must be a bool tensor, got dtype {candidates.dtype}")
+    eligible = n
+    if check_values and candidates is not None and bsz:
+        eligible = int(candidates.sum(dim=1).min())
+    if k < 1 or k > eligible:
+        raise ValueError(
+            f"k={k} must be in [1, {eligible}] (the smallest eligible-token count over the batch)"
+        )
+
+
+def check_tau(tau: float) -> None:
+    """GSP's similarity threshold: a real number (raises TypeError)."""
+    if isinstance(tau, bool) or not isinstance(tau, (int, float)):
+        raise TypeError(f"tau must be a float, got {type(tau).__name__}")
+
+
 def dpp_greedy_map(
     features: torch.Tensor,
     relevance: torch.Tensor | None,
@@ -173,26 +210,8 @@ def dpp_greedy_map(
     relevance; the eligible count): each is a device synchronisation on a GPU. Callers
     that pass it guarantee them (the kernels stay in bounds either way).
     """
-    bsz, n, _ = _check_features(features)
-    _check_per_token("relevance", relevance, (bsz, n), features.device)
-    _check_per_token("candidates", candidates, (bsz, n), features.device)
-    if isinstance(k, bool) or not isinstance(k, int):
-        raise TypeError(f"k must be an int, got {type(k).__name__}")
-    if relevance is not None:
-        if not relevance.is_floating_point():
-            raise ValueError(f"relevance must be a float tensor, got dtype {relevance.dtype}")
-        if check_values and (not torch.isfinite(relevance).all() or (relevance < 0).any()):
-            raise ValueError("relevance must be finite and non-negative")
-    if candidates is not None and candidates.dtype != torch.bool:
-        raise ValueError(f"candidates must be a bool tensor, got dtype {candidates.dtype}")
-    eligible = n
-    if check_values and candidates is not None and bsz:
-        eligible = int(candidates.sum(dim=1).min())
-    if k < 1 or k > eligible:
-        raise ValueError(
-            f"k={k} must be in [1, {eligible}] (the smallest eligible-token count over the batch)"
-        )
-    if bsz == 0:
+    check_dpp_inputs(features, relevance, k, candidates=candidates, check_values=check_values)
+    if features.shape[0] == 0:
         return torch.empty(0, k, dtype=torch.long, device=features.device)
     return _dispatch(
         backend,
@@ -303,8 +322,7 @@ def bipartite_stats(
     (dst-local, ties to the lowest). No similarity matrix is materialised.
     """
     _check_features(features)
-    if isinstance(tau, bool) or not isinstance(tau, (int, float)):
-        raise TypeError(f"tau must be a float, got {type(tau).__name__}")
+    check_tau(tau)
     return _dispatch(
         backend,
         features,

@@ -57,14 +57,18 @@ def _shared_gram_cpu(features, relevance, k, tau, gamma, theta, gsp_ratio) -> Se
     computes only the dots of same-parity pairs. Same rule; the dots are the same fp32
     values summed in BLAS's order, so picks can differ from separate GSP and QCSP calls
     only at gains within fp32 rounding of a tie."""
+    # the checks the separate calls make (the compiled loop indexes without bounds checks)
+    quality = dpp_quality(relevance, theta)
+    ops.check_dpp_inputs(features, quality, k, check_values=False)
+    ops.check_tau(tau)
     orders, removed = [], []
     for b in range(features.shape[0]):
         image = features[b : b + 1]
         stats, dots = bipartite.cpu_stats_and_dots(image, tau)
         survivors = gsp_candidates(image, k, tau=tau, gamma=gamma, ratio=gsp_ratio, stats=stats)
-        quality = dpp_quality(None if relevance is None else relevance[b : b + 1], theta)
+        q = None if quality is None else quality[b : b + 1]
         orders.append(
-            dpp.dpp_greedy_map_compiled(image, quality, k, candidates=survivors, cross_dots=dots)
+            dpp.dpp_greedy_map_compiled(image, q, k, candidates=survivors, cross_dots=dots)
         )
         removed.append((~survivors).sum(dim=1))
     order = torch.cat(orders)

@@ -283,7 +283,9 @@ def _per_image(greedy, features, relevance, k, candidates, **extra) -> torch.Ten
             if candidates is None
             else candidates[b]
         )
-        out[b] = greedy(features[b], quality, eligible, k, **{n: v[b] for n, v in extra.items()})
+        out[b] = greedy(
+            features[b], quality, eligible, k, **{key: v[b] for key, v in extra.items()}
+        )
     return out
 
 
