@@ -93,13 +93,20 @@ def capture_script_inputs(geometry: str, requests: int) -> tuple[list[dict], dic
     return torch.load(dump), worker
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+def capture_parser(description: str, requests: int) -> argparse.ArgumentParser:
+    """The options of a benchmark on captured Script inputs: geometry, images, repeats, out."""
+    ap = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.RawTextHelpFormatter
+    )
     ap.add_argument("--geometry", default="llava-next", choices=list(bs.GEOMETRIES))
-    ap.add_argument("--requests", type=int, default=3, help="images captured")
+    ap.add_argument("--requests", type=int, default=requests, help="images captured")
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--out", default=None)
-    args = ap.parse_args()
+    return ap
+
+
+def main() -> None:
+    args = capture_parser(__doc__, requests=3).parse_args()
     captured, worker = capture_script_inputs(args.geometry, args.requests)
     import torch
 

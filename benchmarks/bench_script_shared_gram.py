@@ -17,13 +17,12 @@ Writes benchmarks/results/script_shared_gram_<machine>_<geometry>.csv, one row p
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 from pathlib import Path
 
 import bench_serving as bs
-from bench_cpu_dpp_threads import capture_script_inputs
+from bench_cpu_dpp_threads import capture_parser, capture_script_inputs
 
 RESULTS_DIR = Path(__file__).parent / "results"
 
@@ -90,12 +89,7 @@ def compare(captured: list[dict], repeats: int) -> list[dict]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--geometry", default="llava-next", choices=list(bs.GEOMETRIES))
-    ap.add_argument("--requests", type=int, default=6, help="images captured")
-    ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--out", default=None)
-    args = ap.parse_args()
+    args = capture_parser(__doc__, requests=6).parse_args()
     captured, _ = capture_script_inputs(args.geometry, args.requests)
     import torch
 
